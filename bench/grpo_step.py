@@ -60,7 +60,7 @@ SETTINGS: dict[str, Any] = dict(
     learning_rate=1e-5, lr_scheduler_type="constant", logging_steps=1, log_completions=False,
     save_steps=100_000,  # no checkpoint inside the timed steps on either side
 )
-# What the stage sets on its own for a CPU run (posttrain.stages.common.trainer_config); a plain
+# What the stage sets on its own for a CPU run (posttrain.recipe.TRAINER_BASE); a plain
 # script must spell these out to do the same work. bf16 above all: TRL defaults it to True.
 CPU_RUN: dict[str, Any] = dict(
     use_cpu=True, bf16=False, report_to="none", dataloader_num_workers=0, disable_tqdm=False,

@@ -22,14 +22,16 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 _SPEC_KEYS = {"task", "path", "hub"}
 
 
-def resolve_stage_data(recipe: Any, manifest: Any) -> None:
+def resolve_stage_data(recipe: Any, manifest: Any) -> list[dict[str, Any]]:
     """Turn every `{stage: NAME}` spec in the recipe's dataset lists into that stage's file.
 
     The stage must be done in the run and have written a dataset (`train.jsonl` in its output
     dir, as rejection sampling does); the spec keeps `from_stage: NAME` and when that stage
-    ended, for the record.
+    ended, so a rerun of the data stage (new data at the same path) changes this stage's plan.
+    Returns one record per resolved spec, for the plan's references.
     """
     import dataclasses
+    records = []
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         if not isinstance(value, list) or not any(isinstance(s, dict) and "stage" in s
@@ -43,13 +45,14 @@ def resolve_stage_data(recipe: Any, manifest: Any) -> None:
                     raise UserError(f"{f.name}[{i}]: stage {spec['stage']!r} wrote no dataset "
                                     f"({data} missing); use a data stage such as rejection")
                 rest = {k: v for k, v in spec.items() if k != "stage"}
-                # When the data stage ran is part of the recipe: a rerun of it (new data at the
-                # same path) changes this stage's recipe hash, so this stage reruns too.
                 ended = manifest.stage(str(spec["stage"])).get("ended")
                 spec = {"path": str(data), "from_stage": spec["stage"], "stage_ended": ended,
                         **rest}
+                records.append({"field": f"{f.name}[{i}]", "stage": spec["from_stage"],
+                                "path": str(data), "stage_ended": ended})
             resolved.append(spec)
         setattr(recipe, f.name, resolved)
+    return records
 
 
 def check_spec(spec: Any, where: str) -> None:
@@ -172,6 +175,23 @@ def to_sft(ds, system_prompt: str | None, where: str = "train_data"):
         return ds.map(convert, remove_columns=ds.column_names)
     require_columns(ds, ["messages"], where)
     return ds
+
+
+def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_prompt: str | None,
+                     seed: int, where: str = "prompt_data"):
+    """The one way stages load prompts: specs → rows with `prompt` as chat messages and the gold
+    columns (`answer`/`solution`, `task`, `meta`) as they are.
+
+    `prompt_column` names the question column (e.g. `problem`); it must exist.
+    """
+    ds = load_sources(specs, seed, where)
+    if prompt_column != "prompt":
+        if prompt_column not in ds.column_names:
+            raise UserError(f"{where}: no column {prompt_column!r} (prompt_column; has: "
+                            f"{', '.join(ds.column_names)})")
+        ds = ds.remove_columns([c for c in ("prompt",) if c in ds.column_names])
+        ds = ds.rename_column(prompt_column, "prompt")
+    return to_prompts(ds, system_prompt, where)
 
 
 def to_prompts(ds, system_prompt: str | None, where: str = "prompts"):

@@ -58,14 +58,14 @@ def run_chain(run: str, chain: list[tuple[str, str]],
     for kind, recipe in chain:
         t = time.time()
         entry = run_stage(kind, recipe, run, (overrides or {}).get(recipe), force=force)
-        names.append(Path(entry["output_dir"]).parent.name)  # runs/<run>/<name>/model
+        names.append(entry["plan"]["name"])
         print(f"[demo] {names[-1]} ({recipe}) took {time.time() - t:.0f}s", file=sys.stderr)
     # The chain's `eval` step: every stage evaluates itself when it finishes; this fills in any
     # stage that ran without (e.g. `--no-eval`), so the table has no holes.
     m = Manifest(run)
     for name in names:
-        suite_path = suite or m.stage(name)["recipe"].get("eval_suite")
-        is_model = (Path(m.stage(name)["output_dir"]) / "config.json").exists()  # not a dataset
+        suite_path = suite or m.recipe(name).get("eval_suite")
+        is_model = m.stage(name)["output_kind"] == "model"  # a data stage has nothing to evaluate
         if is_model and suite_path and read_yaml(suite_path).get("name", Path(suite_path).stem) \
                 not in (m.stage(name).get("eval") or {}):
             run_eval(m, name, suite_path)

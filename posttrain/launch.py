@@ -11,9 +11,7 @@ replaces itself with
     accelerate launch --config_file CONFIG --num_processes NPROC -m posttrain.cli STAGE RECIPE ...
 
 Inside the launched world every rank validates its inputs and trains; only the main process
-(global rank 0) writes the manifest, the stage's recipe copy, the final model and the eval. The
-rank is read from the environment that the launcher sets (`RANK`, `WORLD_SIZE`), so nothing here
-has to start a process group before the trainer does.
+(global rank 0, `posttrain.dist`) writes the manifest, the plan, the final model and the eval.
 """
 
 from __future__ import annotations
@@ -29,33 +27,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 # process groups: on CPU (gloo) the fsdp config silently trains as plain DDP, and DeepSpeed needs
 # CUDA. So they are refused on CPU rather than run as something else.
 GPU_ONLY = {"fsdp", "zero2", "zero3"}
-
-
-def rank() -> int:
-    """Global rank of this process (0 when not launched by accelerate/torchrun)."""
-    return int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main_process() -> bool:
-    """True on the one process that writes run state (manifest, final model, eval)."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    """Wait until every rank gets here; a no-op for a single process.
-
-    Uses accelerate's PartialState, the same process group the trainer will use later.
-    """
-    if world_size() <= 1:
-        return
-    import torch
-    from accelerate import PartialState
-
-    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def config_path(name: str) -> Path:

@@ -1,8 +1,8 @@
 """`runs/<run>/manifest.json`: the single record of a run and the lineage of its stages.
 
-Each stage entry holds its status (running/done/failed), output_dir, resolved recipe and its
-sha256, the git commit, start/end times, what it was initialised from, and eval figures at
-`stages.<stage>.eval.<suite>.<task>`. Later stages resolve `init_from: sft` through it — never by
+Each stage entry holds its status (running/done/failed), output_dir, its resolved plan
+(posttrain.plan: recipe values, trainer settings, references) and the plan's sha256, the git
+commit, start/end times, and eval figures at `stages.<stage>.eval.<suite>.<task>`. Later stages resolve `init_from: sft` through it — never by
 guessing the latest checkpoint. Writes are atomic (temp file + `os.replace`).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -50,10 +49,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def recipe_sha256(recipe: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def git_commit() -> str | None:
@@ -158,18 +153,17 @@ class Manifest:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def begin(self, name: str, kind: str, recipe: dict[str, Any], init_from: str | None,
-              init_path: str | None, output_dir: Path) -> None:
+    def begin(self, plan) -> None:
+        """Record that stage `plan.name` starts, with its whole plan (a `StagePlan`)."""
         with self._update():
-            prev = self.stages.get(name, {})
-            self.stages[name] = {
-                "kind": kind,
+            prev = self.stages.get(plan.name, {})
+            self.stages[plan.name] = {
+                "kind": plan.kind,
                 "status": "running",
-                "output_dir": str(output_dir),
-                "init_from": init_from,
-                "init_path": init_path,
-                "recipe": recipe,
-                "recipe_sha256": recipe_sha256(recipe),
+                "output_dir": plan.output["dir"],
+                "output_kind": plan.output["kind"],
+                "plan": plan.to_dict(),
+                "plan_sha256": plan.sha256,
                 "git_commit": git_commit(),
                 "started": now(),
                 "ended": None,
@@ -213,6 +207,10 @@ class Manifest:
         if created and not self.stages:
             self.path.unlink(missing_ok=True)
             (self.run_dir / "manifest.json.lock").unlink(missing_ok=True)
+
+    def recipe(self, name: str) -> dict[str, Any]:
+        """The recipe values stage `name` ran with (from its plan)."""
+        return (self.stage(name) or {}).get("plan", {}).get("recipe", {})
 
     def set_eval(self, name: str, suite: str, results: dict[str, dict[str, float]]) -> None:
         """Store `results[task] = {"pass@1": ...}` at `stages.<name>.eval.<suite>`."""

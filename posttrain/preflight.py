@@ -1,8 +1,9 @@
-"""Checks every stage gets before anything is written: trainer settings, FP8 eligibility, disk.
+"""Checks every stage gets before anything is written: FP8 eligibility, disk.
 
-A stage's own `preflight` checks its inputs (data, rewards, tokenizer); the checks here are the
-ones that do not depend on the stage, so each new stage has them without repeating them. Each
-raises a one-line `UserError` that names the problem and what to do.
+A stage's own `preflight` checks its inputs (data, rewards, tokenizer), and building the plan
+checks the trainer settings (posttrain.plan); the checks here are the ones that do not depend on
+the stage, so each new stage has them without repeating them. Each raises a one-line `UserError`
+that names the problem and what to do. They only check: nothing here changes the plan.
 """
 
 from __future__ import annotations
@@ -14,27 +15,13 @@ from pathlib import Path
 from posttrain.errors import UserError
 
 
-def check_trainer_settings(recipe, ctx) -> None:
-    """Build the stage's TRL config once, so its own cross-field checks run now, not mid-stage.
-
-    The stage builds it again with its own defaults; this catches what does not depend on them
-    (unknown scheduler names, contradictory precision flags, eval settings without eval data...).
-    """
-    if not recipe.TRAINER_CONFIG:
-        return
-    from posttrain.recipe import _import
-    from posttrain.stages.common import trainer_config
-
-    trainer_config(_import(recipe.TRAINER_CONFIG), ctx, recipe)
-
-
 def check_fp8(recipe, init_path: str | None) -> None:
     """`fp8: true` on a model with no layer that can train in FP8 is an error, not a no-op.
 
     The model is built on the meta device (no weights, no memory) and put through the same
     conversion training uses, so what counts as eligible is defined in one place (posttrain.fp8).
     """
-    if not getattr(recipe, "fp8", False) or not init_path:
+    if not recipe.fp8 or not init_path:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -65,8 +65,13 @@ class Recipe:
     KIND: ClassVar[str] = ""
     # Lazily imported TRL config class path, e.g. "trl.SFTConfig": its fields are accepted.
     TRAINER_CONFIG: ClassVar[str | None] = None
+    # The stage's defaults for TRL fields (over TRAINER_BASE, under the recipe's own keys).
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = {}
     # Fields the stage requires to be set in the YAML (checked after loading).
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    # What the stage makes (`model` or `dataset`) and its dir under runs/<run>/<stage>/.
+    OUTPUT: ClassVar[str] = "model"
+    OUTPUT_DIR: ClassVar[str] = "model"
 
     @property
     def stage_name(self) -> str:
@@ -88,11 +93,30 @@ class Recipe:
             from posttrain.moe_balance import BalanceConfig
             BalanceConfig.parse(self.moe_balance)
 
-    def resolved(self) -> dict[str, Any]:
-        """The recipe as it will run: own fields, then the trainer fields, flat."""
+    def values(self) -> dict[str, Any]:
+        """The recipe's values: own fields (defaults included), then its TRL keys, flat."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trainer"}
         out.update(self.trainer)
         return out
+
+    def references(self, manifest) -> dict[str, str | None]:
+        """Model references to resolve (name → stage, dir or hub id). Subclasses add theirs."""
+        return {"init": self.init_from}
+
+    def trainer_settings(self) -> dict[str, Any]:
+        """The TRL config's keyword arguments: TRAINER_BASE < the stage's defaults < the recipe."""
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        base = {**TRAINER_BASE, "seed": self.seed, "use_cpu": not on_gpu, "bf16": on_gpu}
+        return {**base, **self.TRAINER_DEFAULTS, **self.trainer}
+
+
+# Our defaults for every stage's TRL config (a stage's TRAINER_DEFAULTS and the recipe override).
+TRAINER_BASE: dict[str, Any] = dict(
+    report_to="none", logging_steps=5, save_strategy="steps", save_steps=50, save_total_limit=2,
+    dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
+)
 
 
 def _import(path: str) -> type:

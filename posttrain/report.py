@@ -96,10 +96,11 @@ def _duration(entry: dict[str, Any]) -> str:
 
 def _source(entry: dict[str, Any]) -> str:
     """Where a stage's model came from: its init, and for distillation the teacher too."""
-    recipe = entry.get("recipe") or {}
-    parts = [str(entry.get("init_from") or recipe.get("student") or "–")]
-    if recipe.get("teacher"):
-        parts.append(f"teacher {recipe['teacher']}")
+    plan = entry.get("plan") or {}
+    refs, recipe = plan.get("refs") or {}, plan.get("recipe") or {}
+    parts = [str((refs.get("init") or {}).get("from") or recipe.get("student") or "–")]
+    if refs.get("teacher"):
+        parts.append(f"teacher {refs['teacher']['from']}")
     return ", ".join(parts)
 
 
@@ -167,10 +168,9 @@ def distill_names(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[st
     rl = [n for n in stages if n == "student_rl" or n.startswith("student_rl")]
     teacher = None
     for n in students:
-        recipe = stages[n].get("recipe") or {}
-        for key in ("teacher", "teacher_from"):
-            if isinstance(recipe.get(key), str) and recipe[key] in stages:
-                teacher = recipe[key]
+        ref = ((stages[n].get("plan") or {}).get("refs") or {}).get("teacher") or {}
+        if ref.get("stage") in stages:
+            teacher = ref["stage"]
     return students, rl, teacher
 
 
@@ -218,7 +218,7 @@ def write_report(run: str, root: Path | None = None) -> Path:
                                              "final_preference_accuracy") if k in metrics}
         if facts:
             lines += [f"`{n}`: " + ", ".join(f"{k} {_fmt(v)}" for k, v in facts.items()), ""]
-        init = e.get("init_from")
+        init = (((e.get("plan") or {}).get("refs") or {}).get("init") or {}).get("stage")
         if init in stages and _by_task(stages[init]) and _by_task(e):
             lines += [f"Against its init `{init}`: the preference target is a higher format rate "
                       f"and shorter answers at unchanged pass@1.", "",

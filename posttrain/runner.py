@@ -1,9 +1,11 @@
-"""Run one stage of a run: validate everything, record it in the manifest, train, evaluate.
+"""Run one stage of a run: resolve its plan, record it in the manifest, train, evaluate.
 
-Order matters for the user's promises: the recipe, the init model and the stage's own inputs are
-all checked before anything is written, so a stage that did not start leaves no trace. A stage that
-is already done with the same recipe hash is skipped; an unfinished one resumes from its last
-checkpoint.
+Order matters for the user's promises: the recipe, its references (init model, teacher, upstream
+datasets), the trainer settings and the stage's own inputs are all resolved and checked into one
+`StagePlan` (posttrain.plan) before anything is written, so a stage that did not start leaves no
+trace. A stage already done with the same plan hash is skipped; an unfinished one with the same
+plan resumes from its last checkpoint. The plan records when each upstream stage ended, so a
+re-run upstream makes this stage run again.
 """
 
 from __future__ import annotations
@@ -15,27 +17,14 @@ import sys
 import traceback
 from pathlib import Path
 
-import yaml
-
-from posttrain import launch
-from posttrain.data import resolve_stage_data
+from posttrain import dist
 from posttrain.errors import UserError
-from posttrain.manifest import Manifest, atomic_write_text, process_state, recipe_sha256
-from posttrain.preflight import check_fp8, check_trainer_settings, check_writable
+from posttrain.manifest import Manifest, process_state
+from posttrain.plan import build_plan
+from posttrain.preflight import check_fp8, check_writable
 from posttrain.recipe import Recipe, load_recipe
 from posttrain.stages import stage_module
 from posttrain.stages.common import StageContext
-
-
-def resolve_init(init_from: str | None, manifest: Manifest) -> str | None:
-    """A stage name of the run → its model dir; an existing path or a hub id as is."""
-    if init_from is None:
-        return None
-    if Path(init_from).expanduser().exists():
-        return str(Path(init_from).expanduser())
-    if "/" not in init_from:
-        return str(manifest.resolve(init_from))
-    return init_from  # hub id; loading reports a clear error if it cannot be had
 
 
 def prepare(kind: str, recipe_path: str, run: str, overrides: dict[str, str],
@@ -44,29 +33,25 @@ def prepare(kind: str, recipe_path: str, run: str, overrides: dict[str, str],
     module = stage_module(kind)
     recipe = load_recipe(module.Recipe, recipe_path, overrides)
     manifest = Manifest(run)
-    resolve_stage_data(recipe, manifest)  # `{stage: rejection}` specs → that stage's dataset
     name = recipe.stage_name
-    init_path = resolve_init(recipe.init_from, manifest)
-    stage_dir = manifest.stage_dir(name)
-    ctx = StageContext(run=run, name=name, manifest=manifest, stage_dir=stage_dir,
-                       model_dir=stage_dir / "model", init_path=init_path)
     prev = manifest.stage(name)
     if (prev and prev.get("status") == "running" and prev.get("pid") != os.getpid()
             and process_state(prev) == "alive"):
         raise UserError(f"stage {name!r} of run {run!r} is running now (pid {prev['pid']}); "
                         f"wait for it to end, or stop it, then rerun to resume")
-    # Resume only an unfinished attempt of the same recipe; a changed recipe starts over.
-    ctx.resume = bool(prev and prev.get("status") != "done" and not force
-                      and prev.get("recipe_sha256") == recipe_sha256(recipe.resolved()))
+    plan = build_plan(kind, recipe, run, manifest, manifest.stage_dir(name))
+    # Resume only an unfinished attempt of the same plan; a changed plan starts over.
+    resume = bool(prev and prev.get("status") != "done" and not force
+                  and prev.get("plan_sha256") == plan.sha256)
+    ctx = StageContext(plan=plan, manifest=manifest, resume=resume)
     if recipe.eval_suite:
         from posttrain.evaluate import load_suite
         load_suite(recipe.eval_suite)
     if hasattr(module, "preflight"):
         with _quiet_datasets():  # an error here must be the only line the user sees
             module.preflight(recipe, ctx)
-    check_trainer_settings(recipe, ctx)
-    check_fp8(recipe, init_path)
-    check_writable(stage_dir, init_path)
+    check_fp8(recipe, ctx.init_path)
+    check_writable(ctx.stage_dir, ctx.init_path)
     return recipe, ctx, module
 
 
@@ -107,22 +92,20 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
 
     recipe, ctx, module = prepare(kind, recipe_path, run, overrides or {}, force)
     runtime.configure(recipe.threads)
-    manifest, name = ctx.manifest, ctx.name
-    resolved = recipe.resolved()
+    manifest, name, plan = ctx.manifest, ctx.name, ctx.plan
     prev = manifest.stage(name)
     if (prev and prev.get("status") == "done" and not force
-            and prev.get("recipe_sha256") == recipe_sha256(resolved)
-            and Path(prev["output_dir"]).exists()):
-        print(f"[posttrain] stage {name!r} of run {run!r} is done with this recipe; skipping "
+            and prev.get("plan_sha256") == plan.sha256 and Path(prev["output_dir"]).exists()):
+        print(f"[posttrain] stage {name!r} of run {run!r} is done with this plan; skipping "
               f"(--force reruns it)", file=sys.stderr)
         return prev
     # Under `accelerate launch` every rank has validated and read the manifest above; only the
     # main process writes run state, after all ranks read it (so all agree on ctx.resume), and
     # the others wait until the stage dir is ready before they start training.
-    main_process = launch.is_main_process()
+    main_process = dist.is_main_process()
     before = {"entry": prev, "manifest": manifest.path.exists(), "run": manifest.run_dir.exists(),
               "stage": ctx.stage_dir.exists()}
-    launch.barrier()
+    dist.barrier()
     if main_process:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         if not ctx.resume:
@@ -132,12 +115,11 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-        atomic_write_text(ctx.stage_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        manifest.begin(name, kind, resolved, recipe.init_from, ctx.init_path, ctx.model_dir)
+        manifest.begin(plan)
         print(f"[posttrain] {kind} stage {name!r} of run {run!r} → {ctx.model_dir}"
-              + (f" ({launch.world_size()} processes)" if launch.world_size() > 1 else ""),
+              + (f" ({dist.world_size()} processes)" if dist.world_size() > 1 else ""),
               file=sys.stderr)
-    launch.barrier()
+    dist.barrier()
     try:
         metrics = module.main(recipe, ctx) or {}
     except BaseException as e:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from plans import plan
 
 from posttrain.cli import main as cli_main
 from posttrain.stages import STAGES
@@ -176,7 +177,7 @@ ROWS = [
                                      "2"], "divisible by num_generations", GRPO_DATA,
         needs="grpo"),
     Row("grpo one generation", ["grpo", "{recipe}", "--run", "tiny", "--num_generations", "1"],
-        "num_generations must be >= 2", GRPO_DATA, needs="grpo"),
+        "at least 2 generations per prompt", GRPO_DATA, needs="grpo"),
     Row("grpo negative beta", ["grpo", "{recipe}", "--run", "tiny", "--beta", "-0.1"],
         "beta must be >= 0", GRPO_DATA, needs="grpo"),
     Row("grpo prompts without answers", ["grpo", "{recipe}", "--run", "tiny"], "answer",
@@ -214,7 +215,7 @@ def world(tiny_run, runs_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_input")
     m = Manifest(tiny_run)
     if "broken" not in m.stages:
-        m.begin("broken", "sft", {}, "base", None, m.stage_dir("broken") / "model")
+        m.begin(plan(m, "broken", "sft", recipe={}, init="base"))
         m.fail("broken", "RuntimeError: for the bad-input table")
     base = str(m.resolve("base"))
     plain = tmp / "plain"

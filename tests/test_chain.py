@@ -94,14 +94,14 @@ def test_whole_chain(tiny_run, tmp_path):
         assert out.is_dir() and any(out.iterdir()), name
         if entry["kind"] in makes_data:
             continue
-        assert (out / "config.json").exists() and (out / "posttrain_recipe.yaml").exists()
+        assert (out / "config.json").exists() and (out / "posttrain_plan.json").exists()
         figures = entry["eval"]["chain"]
         assert set(figures) == {"arithmetic", "countdown"}
         assert 0.0 <= figures["arithmetic"]["pass@1"] <= figures["arithmetic"]["pass@2"] <= 1.0
     # Lineage: each stage's init is a stage that finished before it.
     for i, name in enumerate(names):
-        init = m.stage(name).get("init_from")
-        assert init is None or init not in m.stages or init in names[:i], (name, init)
+        init = (m.stage(name)["plan"]["refs"].get("init") or {}).get("stage")
+        assert init is None or init in names[:i], (name, init)
 
     report = (m.run_dir / "report.md").read_text()
     for name in names:

@@ -57,11 +57,11 @@ def test_distill_recipe_errors(overrides, message):
 def test_default_teacher_is_the_last_rl_stage(tiny_run):
     from posttrain.manifest import Manifest
     from posttrain.recipe import load_recipe
-    from posttrain.stages.distill import Recipe, resolve_teacher
+    from posttrain.stages.distill import Recipe
     recipe = load_recipe(Recipe, "recipes/tiny/distill_qwen.yaml", {"teacher": "null"})
     m = Manifest(tiny_run)
     if not any(e.get("kind") in ("grpo", "dpo") for e in m.stages.values()):
         with pytest.raises(UserError, match="no finished grpo/dpo stage"):
-            resolve_teacher(recipe, m)
+            recipe.references(m)
     m.stages["fake_rl"] = {**m.stages["sft"], "kind": "grpo"}  # in memory only
-    assert resolve_teacher(recipe, m)[0] == "fake_rl"
+    assert recipe.references(m)["teacher"] == "fake_rl"

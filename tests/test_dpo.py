@@ -85,7 +85,7 @@ def test_dpo_stage_from_scored_samples(tiny_run):
     assert (stage_dir / "dpo_margins.png").stat().st_size > 1000
     # A loadable HF model with its recipe, that later stages resolve through the manifest.
     model_dir = manifest.resolve("dpo")
-    assert (model_dir / "model.safetensors").exists() and (model_dir / "posttrain_recipe.yaml").exists()
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "posttrain_plan.json").exists()
     from posttrain.models import load_model
     assert load_model(model_dir).config.model_type == "deepseek_v3"
 

@@ -24,7 +24,7 @@ def test_grpo_trains_logs_and_saves(manifest, tiny_run):
     assert entry["status"] == "done"
     stage_dir = manifest.run_dir / "grpo"
     assert (stage_dir / "model" / "config.json").exists()
-    assert (stage_dir / "model" / "posttrain_recipe.yaml").exists()
+    assert (stage_dir / "model" / "posttrain_plan.json").exists()
     records = [json.loads(line) for line in (stage_dir / "logs.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert len(steps) == 3
@@ -39,7 +39,7 @@ def test_grpo_trains_logs_and_saves(manifest, tiny_run):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"per_device_train_batch_size": "6", "num_generations": "4"}, "divisible by num_generations"),
-    ({"num_generations": "1"}, "num_generations must be >= 2"),
+    ({"num_generations": "1"}, "at least 2 generations per prompt"),
     ({"rewards": "{accuracy: 1.0, speling: 0.1}"}, "unknown reward 'speling'"),
     ({"reward_weights": "[1.0]"}, "by name"),
     ({"beta": "-0.1"}, "beta must be >= 0"),

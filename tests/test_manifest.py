@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from plans import plan
 
 from posttrain import manifest as manifest_mod
 from posttrain.errors import UserError
-from posttrain.manifest import Manifest, atomic_write_json, atomic_write_text, recipe_sha256
-from posttrain.runner import resolve_init
+from posttrain.manifest import Manifest, atomic_write_json, atomic_write_text
+from posttrain.plan import plan_sha256, resolve_ref
 
 
 def _run_stage(m: Manifest, name: str, init_from: str | None = None, done: bool = True) -> None:
-    init_path = str(m.resolve(init_from)) if init_from else None
-    m.begin(name, name, {"stage": name, "init_from": init_from}, init_from, init_path,
-            m.stage_dir(name) / "model")
+    m.begin(plan(m, name, recipe={"stage": name, "init_from": init_from}, init=init_from))
     if done:
         m.finish(name, {"train_loss": 1.0})
 
@@ -50,19 +49,21 @@ def test_stage_entry_records_lineage_and_provenance(tmp_path):
     _run_stage(m, "sft", init_from="base")
     on_disk = json.loads((tmp_path / "r" / "manifest.json").read_text())
     sft = on_disk["stages"]["sft"]
-    assert sft["status"] == "done" and sft["init_from"] == "base"
-    assert sft["init_path"] == on_disk["stages"]["base"]["output_dir"]
-    assert sft["recipe"] == {"stage": "sft", "init_from": "base"}
-    assert sft["recipe_sha256"] == recipe_sha256(sft["recipe"])
+    init = sft["plan"]["refs"]["init"]
+    assert sft["status"] == "done" and init["stage"] == "base"
+    assert init["path"] == on_disk["stages"]["base"]["output_dir"]
+    assert init["stage_ended"] == on_disk["stages"]["base"]["ended"]
+    assert sft["plan"]["recipe"] == {"stage": "sft", "init_from": "base"}
+    assert sft["plan_sha256"] == plan_sha256(sft["plan"])
     assert sft["started"] <= sft["ended"] and sft["attempts"] == 1
     assert sft["metrics"] == {"train_loss": 1.0}
     assert "git_commit" in sft
     assert Manifest("r", root=tmp_path).resolve("sft") == m.stage_dir("sft") / "model"
 
 
-def test_recipe_hash_ignores_key_order():
-    assert recipe_sha256({"a": 1, "b": 2}) == recipe_sha256({"b": 2, "a": 1})
-    assert recipe_sha256({"a": 1}) != recipe_sha256({"a": 2})
+def test_plan_hash_ignores_key_order():
+    assert plan_sha256({"a": 1, "b": 2}) == plan_sha256({"b": 2, "a": 1})
+    assert plan_sha256({"a": 1}) != plan_sha256({"a": 2})
 
 
 def test_resolve_missing_stage(tmp_path):
@@ -122,25 +123,37 @@ def test_corrupt_manifest_is_one_line_error(tmp_path):
         Manifest("r", root=tmp_path)
 
 
-def test_resolve_init(tmp_path, monkeypatch):
+def test_resolve_ref(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_RUNS_DIR", str(tmp_path / "runs"))
     m = Manifest("r")
     _run_stage(m, "base")
     model_dir = tmp_path / "local-model"
     model_dir.mkdir()
-    assert resolve_init("base", m) == str(m.stage_dir("base") / "model")
-    assert resolve_init(str(model_dir), m) == str(model_dir)  # an existing dir as is
-    assert resolve_init("Qwen/Qwen2.5-1.5B-Instruct", m) == "Qwen/Qwen2.5-1.5B-Instruct"
-    assert resolve_init(None, m) is None
+    base = resolve_ref("base", m)
+    assert base == {"from": "base", "path": str(m.stage_dir("base") / "model"), "stage": "base",
+                    "stage_ended": m.stage("base")["ended"]}
+    assert resolve_ref(str(model_dir), m) == {"from": str(model_dir), "path": str(model_dir)}
+    hub = "Qwen/Qwen2.5-1.5B-Instruct"
+    assert resolve_ref(hub, m) == {"from": hub, "path": hub}
     with pytest.raises(UserError, match="stage 'sft' has not run"):
-        resolve_init("sft", m)  # never a guess at the latest checkpoint
+        resolve_ref("sft", m)  # never a guess at the latest checkpoint
+
+
+def test_a_folder_named_like_a_stage_does_not_shadow_it(tmp_path, monkeypatch):
+    """`init_from: base` is the run's `base` stage even with a `./base` folder in the cwd."""
+    monkeypatch.setenv("POSTTRAIN_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    m = Manifest("r")
+    _run_stage(m, "base")
+    assert resolve_ref("base", m)["path"] == str(m.stage_dir("base") / "model")
 
 
 def _begin_many(root: str, prefix: str, count: int) -> None:
     from posttrain.manifest import Manifest
     for i in range(count):
-        Manifest("race", root=Path(root)).begin(f"{prefix}{i}", "sft", {"i": i}, None, None,
-                                                Path(root) / f"{prefix}{i}")
+        m = Manifest("race", root=Path(root))
+        m.begin(plan(m, f"{prefix}{i}", "sft", recipe={"i": i}))
 
 
 def test_concurrent_writers_lose_no_stage(tmp_path):

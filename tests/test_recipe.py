@@ -27,7 +27,7 @@ def test_fields_split_between_recipe_and_trainer(tmp_path):
     assert r.init_from == "base" and r.lora is True
     assert r.trainer == {"learning_rate": 2e-5, "max_steps": 7}
     assert isinstance(r.trainer["learning_rate"], float)  # `2e-5` is a float, not a string
-    flat = r.resolved()
+    flat = r.values()
     assert flat["learning_rate"] == 2e-5 and flat["train_data"] == [{"task": "arithmetic", "n": 8}]
     assert "trainer" not in flat
 

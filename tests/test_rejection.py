@@ -100,7 +100,8 @@ def test_rejection_stage_writes_a_dataset_sft_trains_on(teacher_run):
     assert all(score(r["messages"][-1]["content"], r["answer"], r["task"], r["meta"]) for r in rows)
 
     from posttrain.recipe import load_recipe
-    from posttrain.stages.rejection import Recipe, sample_verified
+    from posttrain.stages.rejection import Recipe
+    from posttrain.stages.sampling import sample_verified
     strict = load_recipe(Recipe, "recipes/tiny/rejection.yaml", {**overrides, "check_steps": "true"})
     kept, strict_stats = sample_verified(str(Manifest(teacher_run).resolve("teacher")), strict)
     assert strict_stats.drops["wrong_steps"] > 0 and len(kept) < stats["n_kept"]
@@ -112,7 +113,7 @@ def test_rejection_stage_writes_a_dataset_sft_trains_on(teacher_run):
                     {"init_from": "teacher", "max_steps": "2", "eval_suite": "null"},
                     eval_after=False)
     assert sft["status"] == "done"
-    spec = sft["recipe"]["train_data"][0]
+    spec = sft["plan"]["recipe"]["train_data"][0]
     assert spec["from_stage"] == "rejection" and spec["path"].endswith("rejection/data/train.jsonl")
     assert sft["metrics"]["train_samples"] == stats["n_kept"]
 

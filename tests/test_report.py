@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from plans import plan
 
 from posttrain.errors import UserError
 from posttrain.manifest import Manifest
@@ -20,7 +21,8 @@ def _figures(p1: float, fmt: float, tokens: float) -> dict:
 def _stage(m: Manifest, name: str, kind: str, init_from: str | None, p1: float, fmt: float,
            tokens: float, logs: list[dict] | None = None, recipe: dict | None = None,
            metrics: dict | None = None) -> None:
-    m.begin(name, kind, recipe or {"stage": kind}, init_from, None, m.stage_dir(name) / "model")
+    teacher = (recipe or {}).get("teacher")
+    m.begin(plan(m, name, kind, recipe=recipe, init=init_from, teacher=teacher))
     m.finish(name, metrics or {"train_loss": 0.5})
     m.set_eval(name, "tiny", {"arithmetic": _figures(p1, fmt, tokens),
                               "countdown": _figures(p1 / 2, fmt, tokens)})
@@ -80,7 +82,7 @@ def test_report_from_manifest_and_logs(tmp_path):
 def test_partial_run_still_reports(tmp_path):
     m = Manifest("p", root=tmp_path)
     _stage(m, "base", "base", None, 0.05, 0.1, 60.0)
-    m.begin("sft", "sft", {"stage": "sft"}, "base", None, m.stage_dir("sft") / "model")
+    m.begin(plan(m, "sft", init="base"))
     m.fail("sft", "RuntimeError: boom")
     text = write_report("p", root=tmp_path).read_text()
     assert "**sft failed**: RuntimeError: boom" in text

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from plans import plan
 
 from posttrain.checkpoints import checkpoint_complete, trim_log
 from posttrain.cli import main as cli_main
@@ -120,9 +121,8 @@ def test_grpo_kill9_resumes_to_the_same_end(tiny_run):
 
 
 def _ctx(tmp_path: Path, resume: bool = True) -> StageContext:
-    stage_dir = tmp_path / "run" / "st"
-    return StageContext(run="run", name="st", manifest=None, stage_dir=stage_dir,
-                        model_dir=stage_dir / "model", init_path=None, resume=resume)
+    m = Manifest("run", root=tmp_path)
+    return StageContext(plan=plan(m, "st"), manifest=m, resume=resume)
 
 
 def _checkpoint(ctx: StageContext, step: int, state_text: str | None, weights: bool = True):

@@ -6,9 +6,9 @@ from posttrain.evaluate import Suite, SuiteTask, evaluate_model
 def test_tiny_run_lineage(manifest):
     base, sft = manifest.stage("base"), manifest.stage("sft")
     assert base["status"] == "done" and sft["status"] == "done"
-    assert sft["init_path"] == base["output_dir"]
+    assert sft["plan"]["refs"]["init"]["path"] == base["output_dir"]
     assert (manifest.resolve("sft") / "config.json").exists()
-    assert (manifest.resolve("sft") / "posttrain_recipe.yaml").exists()
+    assert (manifest.resolve("sft") / "posttrain_plan.json").exists()
 
 
 def test_evaluate_model_figures(manifest):

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from posttrain.errors import UserError
 from posttrain.rollout.types import Completion, Sampling
 
-__all__ = ["BACKENDS", "Completion", "Sampling", "generate", "pick_backend", "render_prompt"]
+__all__ = ["BACKENDS", "Completion", "Sampling", "generate", "pick_backend", "release_engines",
+           "render_prompt"]
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -57,6 +58,14 @@ def pick_backend(backend: str, model_ref: Any, quiet: bool = False) -> str:
         print(f"[posttrain] rollout: vLLM cannot run {model_ref if not isinstance(model_ref, tuple) else 'this model'}"
               f": {reason}; using the HF backend", file=sys.stderr)
     return "hf"
+
+
+def release_engines() -> None:
+    """Free every cached generation model: the HF model kept for reuse and the vLLM engine process
+    (its memory, and the GPU, go back, e.g. before a stage trains on the same device)."""
+    from posttrain.rollout import hf, vllm_backend
+    hf.release()
+    vllm_backend.close_engines()
 
 
 def _cache_root(cache: bool | str | Path) -> Path | None:

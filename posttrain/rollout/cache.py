@@ -24,7 +24,7 @@ from posttrain.manifest import atomic_write_text
 from posttrain.rollout.types import Completion, Sampling
 
 # Files that never change what a model generates.
-_IGNORED = {"posttrain_recipe.yaml", "README.md", "training_args.bin"}
+_IGNORED = {"posttrain_plan.json", "README.md", "training_args.bin"}
 
 
 def default_cache_dir() -> Path:

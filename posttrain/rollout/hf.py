@@ -27,6 +27,16 @@ def load_cached(model_dir: str, fingerprint: str | None = None):
     return _LOADED[key]
 
 
+def release() -> None:
+    """Drop the cached model (see `posttrain.rollout.release_engines`)."""
+    _LOADED.clear()
+    import gc
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def decode(tokenizer, ids: list[int], finish_reason: str | None = None) -> Completion:
     """One completion from generated ids: cut at EOS, drop padding, count the EOS as a token."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

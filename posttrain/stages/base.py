@@ -26,7 +26,6 @@ from posttrain.stages.common import (
     prepare_model,
     save_final,
     stage_callbacks,
-    trainer_config,
 )
 
 
@@ -58,6 +57,10 @@ class Recipe(BaseRecipe):
 
     KIND: ClassVar[str] = "base"
     TRAINER_CONFIG: ClassVar[str] = "trl.SFTConfig"
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        max_steps=300, learning_rate=3e-3, per_device_train_batch_size=32,
+        lr_scheduler_type="cosine", warmup_steps=20, max_length=256, dataset_text_field="text",
+        packing=False)
     REQUIRED: ClassVar[tuple[str, ...]] = ("pretrain_data",)
 
     def validate(self) -> None:
@@ -103,7 +106,7 @@ def pretrain_texts(recipe: Recipe, tokenizer=None) -> list[str]:
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     tok_dir = ctx.stage_dir / "tokenizer"
     corpus = pretrain_texts(recipe) + [format_completion("", "")] * 10
@@ -117,13 +120,9 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     texts = pretrain_texts(recipe, tokenizer)
     train = datasets.Dataset.from_dict({"text": [t + tokenizer.eos_token if not t.endswith(
         tokenizer.eos_token) else t for t in texts]})
-    args = trainer_config(SFTConfig, ctx, recipe, max_steps=300, learning_rate=3e-3,
-                          per_device_train_batch_size=32, lr_scheduler_type="cosine",
-                          warmup_steps=20, max_length=256, dataset_text_field="text",
-                          packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=stage_callbacks(recipe, ctx, model))
+    trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
+                         processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx))
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    save_final(trainer.model, tokenizer, ctx, (ctx.stage_dir / "recipe.yaml").read_text())
+    save_final(trainer.model, tokenizer, ctx)
     return {"train_loss": out.training_loss, "params": count_params(model),
             "train_samples": len(train)}

@@ -1,4 +1,4 @@
-"""Pieces every training stage shares: TRL config defaults, log capture, final-model save."""
+"""Pieces every training stage shares: its context, log capture, checkpoints, final-model save."""
 
 from __future__ import annotations
 
@@ -11,21 +11,41 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from posttrain.dist import is_main_process
 from posttrain.errors import UserError
 from posttrain.manifest import Manifest
+from posttrain.plan import StagePlan
 
 
 @dataclass
 class StageContext:
-    """Where a stage runs: the run's manifest, its name, dirs, and the resolved init model."""
+    """Where a stage runs: its resolved plan, the run's manifest, and whether it resumes."""
 
-    run: str
-    name: str
+    plan: StagePlan
     manifest: Manifest
-    stage_dir: Path          # runs/<run>/<name>/
-    model_dir: Path          # runs/<run>/<name>/model — what later stages resolve
-    init_path: str | None    # resolved init_from (dir or hub id)
     resume: bool = True      # resume from the last checkpoint of an unfinished attempt
+
+    @property
+    def run(self) -> str:
+        return self.plan.run
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def stage_dir(self) -> Path:
+        """runs/<run>/<name>/"""
+        return self.manifest.stage_dir(self.plan.name)
+
+    @property
+    def model_dir(self) -> Path:
+        """The stage's output (a model dir, or a dataset dir for data stages)."""
+        return Path(self.plan.output["dir"])
+
+    @property
+    def init_path(self) -> str | None:
+        return self.plan.ref_path("init")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -36,36 +56,16 @@ class StageContext:
         return self.stage_dir / "logs.jsonl"
 
 
-def trainer_config(config_cls: type, ctx: StageContext, recipe, **defaults: Any):
-    """TRL config from our defaults overridden by the recipe's trainer keys; one-line errors."""
-    import torch
+class PlanCallback(TrainerCallback):
+    """Write the stage's plan into every checkpoint, so a checkpoint says how it was made."""
 
-    on_gpu = torch.cuda.is_available()
-    base = dict(
-        output_dir=str(ctx.checkpoint_dir), report_to="none", seed=recipe.seed,
-        logging_steps=5, save_strategy="steps", save_steps=50, save_total_limit=2,
-        use_cpu=not on_gpu, bf16=on_gpu, dataloader_num_workers=0, disable_tqdm=False,
-        logging_first_step=True,
-    )
-    base.update(defaults)
-    try:
-        return config_cls(**{**base, **recipe.trainer})
-    except (ValueError, TypeError) as e:
-        message = str(e).splitlines()[0]
-    # TRL's messages often leave out the key ("zigzag is not a valid SchedulerType"): find the
-    # recipe key that alone makes the config fail, so the user knows which line to fix.
-    culprit = next((k for k, v in recipe.trainer.items() if _config_fails(config_cls, {**base, k: v})),
-                   None)
-    where = f" ({culprit}: {recipe.trainer[culprit]!r})" if culprit else ""
-    raise UserError(f"invalid trainer settings{where}: {message}")
+    def __init__(self, plan: StagePlan):
+        self.plan = plan
 
-
-def _config_fails(config_cls: type, kwargs: dict[str, Any]) -> bool:
-    try:
-        config_cls(**kwargs)
-    except (ValueError, TypeError):
-        return True
-    return False
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            self.plan.write(ckpt)
 
 
 class JsonlLogger(TrainerCallback):
@@ -86,12 +86,12 @@ def prepare_model(model, recipe):
 
     Returns the model to train (possibly the same object).
     """
-    if getattr(recipe, "moe_balance", None) is not None:
+    if recipe.moe_balance is not None:
         from posttrain.moe_balance import routers
         if not routers(model):
             raise UserError(f"moe_balance needs a DeepSeek-V3-style MoE (routers with "
                             f"e_score_correction_bias); {type(model).__name__} has none")
-    if getattr(recipe, "fp8", False):
+    if recipe.fp8:
         from posttrain.fp8 import convert_to_fp8
         counts = convert_to_fp8(model)
         print(f"[posttrain] fp8: {counts['linear']} Linear layers and {counts['experts']} expert "
@@ -99,16 +99,18 @@ def prepare_model(model, recipe):
     return model
 
 
-def stage_callbacks(recipe, ctx: StageContext, model=None) -> list:
-    """Trainer callbacks every training stage passes: log capture, plus backend extras (EMA...)."""
+def stage_callbacks(recipe, ctx: StageContext) -> list:
+    """Trainer callbacks every training stage passes: log capture, the plan in every checkpoint,
+    plus backend extras (EMA...)."""
     callbacks = []
-    if getattr(recipe, "moe_balance", None) is not None:  # before the logger: it adds to the logs
+    if recipe.moe_balance is not None:  # before the logger: it adds to the logs
         from posttrain.moe_balance import BalanceConfig, MoEBalanceCallback
         callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
     callbacks.append(JsonlLogger(ctx.log_path))
+    callbacks.append(PlanCallback(ctx.plan))
     from posttrain.checkpoints import ResumeConvertedWeights
     callbacks.append(ResumeConvertedWeights())  # resume: reload what transformers#48805 skips
-    if getattr(recipe, "ema", None) is not None:  # writes stage_dir/ema; save_final moves it
+    if recipe.ema is not None:  # writes stage_dir/ema; save_final moves it
         from posttrain.ema import EMA_DIR, EMACallback, EMAConfig
         callbacks.append(EMACallback(EMAConfig.parse(recipe.ema), ctx.stage_dir / EMA_DIR))
     return callbacks
@@ -122,7 +124,6 @@ def last_checkpoint(ctx: StageContext) -> str | None:
     checkpoint are dropped, since the resumed run logs those steps again.
     """
     from posttrain.checkpoints import checkpoint_complete, checkpoint_step, trim_log
-    from posttrain.launch import is_main_process
 
     if not ctx.resume:
         return None
@@ -158,22 +159,18 @@ def _gathered_state_dict(model) -> dict[str, Any] | None:
             model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
-
-        from posttrain.launch import is_main_process
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                     if is_main_process() else {})
     return None
 
 
-def save_final(model, tokenizer, ctx: StageContext, recipe_yaml: str) -> Path:
-    """Save the model, tokenizer and resolved recipe to model_dir atomically (tmp dir + rename).
+def save_final(model, tokenizer, ctx: StageContext) -> Path:
+    """Save the model, tokenizer and the stage's plan to model_dir atomically (tmp dir + rename).
 
     Only the main process writes; under `accelerate launch` the other ranks return once they
     have helped gather a sharded (FSDP2 / ZeRO-3) model's weights.
     """
-    from posttrain.launch import is_main_process
-
     state_dict = _gathered_state_dict(model)
     if not is_main_process():
         return ctx.model_dir
@@ -182,7 +179,7 @@ def save_final(model, tokenizer, ctx: StageContext, recipe_yaml: str) -> Path:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    (tmp / "posttrain_recipe.yaml").write_text(recipe_yaml)
+    ctx.plan.write(tmp)
     ema = ctx.stage_dir / "ema"  # EMA weights written by posttrain.ema's callback at train end
     if ema.is_dir():
         os.replace(ema, tmp / "ema")

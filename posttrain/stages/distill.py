@@ -24,6 +24,7 @@ import sys
 from typing import Any, ClassVar
 
 from posttrain.errors import UserError
+from posttrain.recipe import Recipe as BaseRecipe
 from posttrain.recipe import positive
 from posttrain.stages.common import (
     StageContext,
@@ -31,18 +32,24 @@ from posttrain.stages.common import (
     prepare_model,
     save_final,
     stage_callbacks,
-    trainer_config,
 )
-from posttrain.stages.rejection import Recipe as SamplingRecipe
-from posttrain.stages.rejection import check_prompts, print_stats, sample_verified, write_dataset
+from posttrain.stages.sampling import (
+    FilterFields,
+    PromptFields,
+    SamplingFields,
+    check_prompts,
+    print_stats,
+    sample_verified,
+    write_dataset,
+)
 
 TEACHER_KINDS = ("grpo", "dpo")
 
 
 @dataclasses.dataclass
-class Recipe(SamplingRecipe):
-    """Distillation recipe: the sampling fields of `rejection`, the teacher, the student, and
-    TRL SFTConfig fields for the student's training.
+class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
+    """Distillation recipe: the prompt, sampling and filter fields of rejection sampling, the
+    teacher, the student, and TRL SFTConfig fields for the student's training.
 
     Attributes:
         teacher: A stage of the run, a model dir or a hub id; null: the run's last finished
@@ -55,14 +62,18 @@ class Recipe(SamplingRecipe):
     teacher: str | None = None
     student: str | None = None
     student_config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    eval_suite: str | None = "eval/tiny.yaml"
 
     KIND: ClassVar[str] = "distill"
     TRAINER_CONFIG: ClassVar[str | None] = "trl.SFTConfig"
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        max_steps=400, learning_rate=2e-3, per_device_train_batch_size=32,
+        lr_scheduler_type="cosine", warmup_steps=20, max_length=512, save_steps=200)
     REQUIRED: ClassVar[tuple[str, ...]] = ("prompt_data",)
 
     def validate(self) -> None:
         super().validate()
+        self.check_sampling()
+        positive(self, "max_tokens", "max_per_prompt")
         if bool(self.student) == bool(self.init_from):
             raise UserError("distill: give exactly one of student (tiny:qwen2, tiny:llama: a "
                             "fresh tiny student) or init_from (a pretrained student)")
@@ -77,34 +88,32 @@ class Recipe(SamplingRecipe):
         if steps is not None and steps != -1 and steps <= 0:
             raise UserError(f"max_steps must be > 0 (or -1: train num_train_epochs), got {steps}")
 
-
-def resolve_teacher(recipe: Recipe, manifest) -> tuple[str, str]:
-    """(name, model dir or hub id) of the teacher; UserError when there is none."""
-    from posttrain.runner import resolve_init
-    if recipe.teacher:
-        return recipe.teacher, str(resolve_init(recipe.teacher, manifest))
-    done = [n for n, e in manifest.stages.items()
-            if e.get("kind") in TEACHER_KINDS and e.get("status") == "done"]
-    if not done:
-        raise UserError(f"distill: no finished {'/'.join(TEACHER_KINDS)} stage in run "
-                        f"{manifest.run!r} to be the teacher; run one or set teacher:")
-    return done[-1], str(manifest.resolve(done[-1]))
+    def references(self, manifest) -> dict[str, str | None]:
+        """The student's init and the teacher; no teacher named: the run's last grpo/dpo stage."""
+        teacher = self.teacher
+        if not teacher:
+            done = [n for n, e in manifest.stages.items()
+                    if e.get("kind") in TEACHER_KINDS and e.get("status") == "done"]
+            if not done:
+                raise UserError(f"distill: no finished {'/'.join(TEACHER_KINDS)} stage in run "
+                                f"{manifest.run!r} to be the teacher; run one or set teacher:")
+            teacher = done[-1]
+        return {**super().references(manifest), "teacher": teacher}
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     from posttrain.models import load_tokenizer
     check_prompts(recipe)
-    _, teacher = resolve_teacher(recipe, ctx.manifest)
-    load_tokenizer(teacher)
+    load_tokenizer(ctx.plan.ref_path("teacher"))
     if ctx.init_path:
         load_tokenizer(ctx.init_path)
 
 
-def build_student(recipe: Recipe, ctx: StageContext, teacher: str):
+def build_student(recipe: Recipe, ctx: StageContext):
     """(model, tokenizer): a fresh tiny student with the teacher's tokenizer, or `init_from`."""
     from posttrain.models import build_tiny_model, count_params, load_model, load_tokenizer
     if recipe.student:
-        tokenizer = load_tokenizer(teacher)
+        tokenizer = load_tokenizer(ctx.plan.ref_path("teacher"))
         model = build_tiny_model(recipe.student.partition(":")[2], tokenizer, seed=recipe.seed,
                                  **recipe.student_config)
     else:
@@ -123,29 +132,26 @@ def to_prompt_completion(kept: list[dict[str, Any]]):
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from posttrain.models import count_params
-    from posttrain.rollout.vllm_backend import close_engines
+    from posttrain.rollout import release_engines
 
-    teacher_name, teacher = resolve_teacher(recipe, ctx.manifest)
-    kept, stats = sample_verified(teacher, recipe)
+    teacher = ctx.plan.refs["teacher"]
+    kept, stats = sample_verified(teacher["path"], recipe)
     figures = stats.as_dict()
-    print_stats(figures, f"teacher {teacher_name}")
-    write_dataset(ctx.stage_dir / "teacher_data", kept, figures)
-    close_engines()  # hand the GPU back before training
+    print_stats(figures, f"teacher {teacher['from']}")
+    write_dataset(ctx.stage_dir / "teacher_data", kept, figures, ctx.plan)
+    release_engines()  # the teacher's generation models leave memory (and the GPU) before training
 
-    model, tokenizer = build_student(recipe, ctx, teacher)
+    model, tokenizer = build_student(recipe, ctx)
     model = prepare_model(model, recipe)
     tokenizer.padding_side = "right"
-    args = trainer_config(SFTConfig, ctx, recipe, max_steps=400, learning_rate=2e-3,
-                          per_device_train_batch_size=32, lr_scheduler_type="cosine",
-                          warmup_steps=20, max_length=512, save_steps=200)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(kept),
-                         processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx, model))
+    trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=to_prompt_completion(kept),
+                         processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx))
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     tokenizer.padding_side = "left"
-    save_final(trainer.model, tokenizer, ctx, (ctx.stage_dir / "recipe.yaml").read_text())
-    return {"teacher": teacher_name, "train_loss": out.training_loss,
+    save_final(trainer.model, tokenizer, ctx)
+    return {"teacher": teacher["from"], "train_loss": out.training_loss,
             "student_params": count_params(trainer.model), "train_samples": len(kept),
             "teacher_data": figures}

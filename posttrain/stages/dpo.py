@@ -28,9 +28,9 @@ from posttrain.stages.common import (
     prepare_model,
     save_final,
     stage_callbacks,
-    trainer_config,
 )
 from posttrain.stages.lora import LoraFields, lora_config, merge_lora
+from posttrain.stages.sampling import PromptFields, SamplingFields, load_prompts
 
 # TRL 1.16's DPO losses (DPOTrainer rejects others only at the first step; we say so up front).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -38,38 +38,30 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclasses.dataclass
-class Recipe(LoraFields, BaseRecipe):
+class Recipe(LoraFields, SamplingFields, PromptFields, BaseRecipe):
     """DPO recipe. Give exactly one of `prompt_data` (sample and score pairs) or `train_data`.
 
-    With `lora` (the fields of `LoraFields`), the reference is the base with adapters disabled.
+    Sampling uses the fields of `SamplingFields` (spread is what makes pairs: a capped sample is
+    malformed, hence rejected); with `lora` (the fields of `LoraFields`), the reference is the
+    base with adapters disabled.
 
     Attributes:
-        prompt_data: Dataset specs of prompts to sample on: synthetic tasks, or files / hub sets
-            with `prompt` and `answer` (or `solution`) columns to verify against.
         train_data: Ready preference data: specs of datasets with `prompt`, `chosen`, `rejected`
             (text or chat messages).
-        samples_per_prompt: Samples drawn per prompt to build pairs from.
-        temperature: Sampling temperature of those samples (spread is what makes pairs).
-        top_p: Nucleus sampling mass.
-        max_new_tokens: Generation cap per sample; a capped sample is malformed, hence rejected.
         pairs_per_prompt: Most pairs kept per prompt (each rejected sample used once).
-        rollout_backend: Generation backend for the samples (`hf`, `vllm`, or `auto`: vLLM where
-            it can run the model).
-        rollout_batch_size: Sequences per generation batch.
     """
 
-    prompt_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
     pairs_per_prompt: int = 1
-    rollout_backend: str = "hf"
-    rollout_batch_size: int = 64
 
     KIND: ClassVar[str] = "dpo"
     TRAINER_CONFIG: ClassVar[str] = "trl.DPOConfig"
+    # No ref_model is passed: with precomputed log-probs TRL scores every pair once with the
+    # untouched policy and keeps no second model in memory.
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        learning_rate=5e-5, beta=0.1, per_device_train_batch_size=16, lr_scheduler_type="cosine",
+        warmup_steps=5, max_length=512, precompute_ref_log_probs=True,
+        gradient_checkpointing=False, logging_steps=5)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from",)
 
     def validate(self) -> None:
@@ -77,18 +69,15 @@ class Recipe(LoraFields, BaseRecipe):
         if bool(self.prompt_data) == bool(self.train_data):
             raise UserError("dpo: give exactly one of prompt_data (pairs from the model's own "
                             "scored samples) or train_data (a prompt/chosen/rejected dataset)")
+        self.check_sampling()
         if self.prompt_data and self.samples_per_prompt < 2:
             raise UserError(f"samples_per_prompt must be >= 2 to form pairs, got "
                             f"{self.samples_per_prompt}")
-        from posttrain.rollout import BACKENDS
-        if self.rollout_backend not in BACKENDS:
-            raise UserError(f"rollout_backend must be one of {', '.join(BACKENDS)}, got "
-                            f"{self.rollout_backend!r}")
         for loss in self.trainer.get("loss_type") or []:
             if loss not in LOSS_TYPES:
                 raise UserError(f"loss_type: unknown DPO loss {loss!r}; TRL's: {', '.join(LOSS_TYPES)}")
         positive(self, "max_steps", "learning_rate", "per_device_train_batch_size", "beta",
-                 "num_train_epochs", "temperature", "max_new_tokens", "pairs_per_prompt", "lora_r")
+                 "num_train_epochs", "pairs_per_prompt", "lora_r")
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
@@ -97,27 +86,24 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
     from posttrain.models import load_tokenizer
 
     field = "prompt_data" if recipe.prompt_data else "train_data"
-    for i, spec in enumerate(getattr(recipe, field)):
+    for i, spec in enumerate(recipe.prompt_data or recipe.train_data):
         check_spec(spec, f"{field}[{i}]")
     if recipe.train_data:
         require_columns(load_sources(recipe.train_data, recipe.seed, "train_data"),
                         ["prompt", "chosen", "rejected"], "train_data")
+    else:
+        load_prompts(recipe)
     load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail before starting
 
 
 def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[list[Any]]]:
     """Prompts and the init model's verifier-scored samples for them."""
-    from posttrain.data import load_sources, to_prompts
     from posttrain.preference import Scored
-    from posttrain.rollout import Sampling, generate
+    from posttrain.rollout import generate
     from posttrain.scoring import is_well_formed, score
 
-    ds = to_prompts(load_sources(recipe.prompt_data, recipe.seed, "prompt_data"),
-                    recipe.system_prompt, "prompt_data")
-    rows = list(ds)
-    sampling = Sampling(n=recipe.samples_per_prompt, temperature=recipe.temperature,
-                        top_p=recipe.top_p, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed)
-    outs = generate(ctx.init_path, [r["prompt"] for r in rows], sampling,
+    rows = list(load_prompts(recipe))
+    outs = generate(ctx.init_path, [r["prompt"] for r in rows], recipe.sampling(),
                     backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size)
     samples = []
     for row, comps in zip(rows, outs):
@@ -161,7 +147,7 @@ def preference_data(recipe: Recipe, ctx: StageContext):
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from posttrain.models import load_model, load_tokenizer
     from posttrain.plots import plot_dpo_curves, read_log
@@ -169,23 +155,17 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     pairs, stats = preference_data(recipe, ctx)
     tokenizer = load_tokenizer(ctx.init_path)
     model = prepare_model(load_model(ctx.init_path), recipe)
-    # No ref_model passed: TRL reloads the init model frozen (or, with precomputed log-probs,
-    # scores every pair once with the untouched policy and keeps no second model at all).
-    args = trainer_config(DPOConfig, ctx, recipe, learning_rate=5e-5, beta=0.1,
-                          per_device_train_batch_size=16, lr_scheduler_type="cosine",
-                          warmup_steps=5, max_length=512, precompute_ref_log_probs=True,
-                          gradient_checkpointing=False, logging_steps=5)
     try:
-        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs,
+        trainer = DPOTrainer(model=model, args=ctx.plan.args, train_dataset=pairs,
                              processing_class=tokenizer, peft_config=lora_config(recipe),
-                             callbacks=stage_callbacks(recipe, ctx, model))
+                             callbacks=stage_callbacks(recipe, ctx))
     except (ValueError, KeyError) as e:
         raise UserError(f"dpo: cannot prepare the preference data: {str(e).splitlines()[0]}") \
             from None
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     model = merge_lora(trainer.model, recipe)
     tokenizer.padding_side = "left"
-    save_final(model, tokenizer, ctx, (ctx.stage_dir / "recipe.yaml").read_text())
+    save_final(model, tokenizer, ctx)
     plot_dpo_curves(ctx.log_path, ctx.stage_dir / "dpo_margins.png", title=f"{ctx.name}: DPO")
     logs = read_log(ctx.log_path)
     last = next((r for r in reversed(logs) if "rewards/margins" in r), {})

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from posttrain.data import check_spec, load_sources, to_prompts
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
 from posttrain.recipe import positive
@@ -27,45 +26,34 @@ from posttrain.stages.common import (
     prepare_model,
     save_final,
     stage_callbacks,
-    trainer_config,
 )
-
-# Our defaults for TRL's GRPOConfig; every one is overridable from the recipe by the same name.
-DEFAULTS: dict[str, Any] = dict(
-    max_steps=100, learning_rate=1e-5, per_device_train_batch_size=32, num_generations=8,
-    max_completion_length=128, temperature=0.7, beta=0.0, loss_type="dapo",
-    lr_scheduler_type="constant", logging_steps=1, save_steps=50, log_completions=False,
-)
+from posttrain.stages.sampling import PromptFields
 
 
 @dataclasses.dataclass
-class Recipe(BaseRecipe):
-    """GRPO recipe.
+class Recipe(PromptFields, BaseRecipe):
+    """GRPO recipe: the prompt fields of `PromptFields`, the rewards, and TRL GRPOConfig fields.
 
     Attributes:
-        prompt_data: Dataset specs (task / path / hub) with a `prompt` column and an `answer` or
-            `solution` column to verify against; synthetic tasks also bring `task` and `meta`.
         rewards: Reward name (keys of `posttrain.rewards.REWARDS`) → weight in the total reward.
         reward_kwargs: Reward name → parameters of that reward (e.g. `{cosine: {max_len: 256}}`).
-        prompt_column: Column holding the question (renamed to `prompt`), e.g. `problem`.
         dynamic_sampling: DAPO dynamic sampling: groups whose completions all earn the same
             reward are dropped from the loss (see `posttrain.stages.dynamic_sampling`).
     """
 
-    prompt_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rewards: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     reward_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    prompt_column: str = "prompt"
     dynamic_sampling: bool = False
 
     KIND: ClassVar[str] = "grpo"
     TRAINER_CONFIG: ClassVar[str] = "trl.GRPOConfig"
+    # Our defaults for TRL's GRPOConfig; every one is overridable from the recipe by the same name.
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        max_steps=100, learning_rate=1e-5, per_device_train_batch_size=32, num_generations=8,
+        max_completion_length=128, temperature=0.7, beta=0.0, loss_type="dapo",
+        lr_scheduler_type="constant", logging_steps=1, save_steps=50, log_completions=False)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "prompt_data", "rewards")
-
-    def setting(self, name: str) -> Any:
-        """A trainer field as it will run: the recipe's value, else our default."""
-        return self.trainer.get(name, DEFAULTS.get(name))
 
     def validate(self) -> None:
         super().validate()
@@ -73,25 +61,17 @@ class Recipe(BaseRecipe):
             raise UserError("reward_weights: give weights by name in `rewards: {accuracy: 1.0, ...}`")
         positive(self, "max_steps", "learning_rate", "per_device_train_batch_size",
                  "max_completion_length", "temperature")
-        g = self.setting("num_generations")
-        if g is None or g < 2:
-            raise UserError(f"num_generations must be >= 2 (GRPO compares samples of a prompt), "
-                            f"got {g}")
-        batch = self.setting("generation_batch_size") or (
-            self.setting("per_device_train_batch_size")
-            * (self.setting("steps_per_generation") or self.setting("gradient_accumulation_steps")
-               or 1))
-        if batch % g:
-            raise UserError(f"generation batch ({batch} completions per generation step) must be "
-                            f"divisible by num_generations ({g}): each prompt's group must be whole")
-        if self.setting("beta") is not None and self.setting("beta") < 0:
-            raise UserError(f"beta must be >= 0, got {self.setting('beta')}")
+        if self.trainer.get("beta", 0) < 0:
+            raise UserError(f"beta must be >= 0, got {self.trainer['beta']}")
+
+    def trainer_settings(self) -> dict[str, Any]:
+        # TRL weighs the reward functions in the order `rewards` lists them.
+        return {**super().trainer_settings(), "reward_weights": list(self.rewards.values())}
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     """Every user-input check, before the manifest is touched."""
-    from trl import GRPOConfig
-
+    from posttrain.data import check_spec
     from posttrain.models import load_tokenizer
     from posttrain.rewards import build_reward_funcs
 
@@ -99,28 +79,24 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
         check_spec(spec, f"prompt_data[{i}]")
     build_prompts(recipe)  # missing prompt/answer columns, empty files: before the stage starts
     build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
-    if recipe.setting("use_vllm"):
+    if recipe.trainer.get("use_vllm"):
         from trl.import_utils import is_vllm_available
         if not is_vllm_available():
             raise UserError("use_vllm: true needs vLLM (pip install 'posttrain[vllm]'); "
                             "set use_vllm: false to generate with transformers")
-    trainer_config(GRPOConfig, ctx, recipe, **DEFAULTS)  # TRL's own cross-field checks
     load_tokenizer(ctx.init_path)
 
 
 def build_prompts(recipe: Recipe):
     """Chat prompts plus the gold columns (`answer`/`solution`, `task`, `meta`) for the rewards."""
-    ds = load_sources(recipe.prompt_data, recipe.seed, "prompt_data")
-    if recipe.prompt_column != "prompt" and recipe.prompt_column in ds.column_names:
-        ds = ds.remove_columns([c for c in ("prompt",) if c in ds.column_names])
-        ds = ds.rename_column(recipe.prompt_column, "prompt")
-    ds = to_prompts(ds, recipe.system_prompt, "prompt_data")
+    from posttrain.stages.sampling import load_prompts
+    ds = load_prompts(recipe)
     # Cold-start columns the rewards never read would only be carried around.
     return ds.remove_columns([c for c in ("trace",) if c in ds.column_names])
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from posttrain.models import load_model, load_tokenizer
     from posttrain.plots import plot_reward_curve
@@ -130,14 +106,14 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(ctx.init_path)
     model = prepare_model(load_model(ctx.init_path), recipe)
     train = build_prompts(recipe)
-    reward_funcs, weights = build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
-    args = trainer_config(GRPOConfig, ctx, recipe, **{**DEFAULTS, "reward_weights": weights})
+    reward_funcs, _ = build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
     trainer_cls = DynamicSamplingGRPOTrainer if recipe.dynamic_sampling else GRPOTrainer
-    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train,
-                          processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx, model))
+    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
+                          train_dataset=train, processing_class=tokenizer,
+                          callbacks=stage_callbacks(recipe, ctx))
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     tokenizer.padding_side = "left"
-    save_final(trainer.model, tokenizer, ctx, (ctx.stage_dir / "recipe.yaml").read_text())
+    save_final(trainer.model, tokenizer, ctx)
     plot_reward_curve(ctx.log_path, ctx.stage_dir / "reward_curve.png", title=f"{ctx.run}/{ctx.name}")
     history = [r for r in trainer.state.log_history if "reward" in r]
     return {"train_loss": out.training_loss, "train_prompts": len(train),

@@ -24,7 +24,6 @@ from posttrain.stages.common import (
     prepare_model,
     save_final,
     stage_callbacks,
-    trainer_config,
 )
 from posttrain.stages.lora import LoraFields, lora_config, merge_lora
 
@@ -42,6 +41,9 @@ class Recipe(LoraFields, BaseRecipe):
 
     KIND: ClassVar[str] = "sft"
     TRAINER_CONFIG: ClassVar[str] = "trl.SFTConfig"
+    TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        max_steps=300, learning_rate=1e-3, per_device_train_batch_size=16,
+        lr_scheduler_type="cosine", warmup_steps=10, max_length=512, assistant_only_loss=True)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "train_data")
 
     def validate(self) -> None:
@@ -61,7 +63,7 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from posttrain.models import load_model, load_tokenizer
 
@@ -70,17 +72,14 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     model = prepare_model(load_model(ctx.init_path), recipe)
     train = to_sft(load_sources(recipe.train_data, recipe.seed, "train_data"),
                    recipe.system_prompt)
-    args = trainer_config(SFTConfig, ctx, recipe, max_steps=300, learning_rate=1e-3,
-                          per_device_train_batch_size=16, lr_scheduler_type="cosine",
-                          warmup_steps=10, max_length=512, assistant_only_loss=True)
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train,
+        trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
                              processing_class=tokenizer, peft_config=lora_config(recipe),
-                             callbacks=stage_callbacks(recipe, ctx, model))
+                             callbacks=stage_callbacks(recipe, ctx))
     except (ValueError, KeyError) as e:
         raise UserError(f"sft: cannot prepare the dataset: {str(e).splitlines()[0]}") from None
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     model = merge_lora(trainer.model, recipe)
     tokenizer.padding_side = "left"
-    save_final(model, tokenizer, ctx, (ctx.stage_dir / "recipe.yaml").read_text())
+    save_final(model, tokenizer, ctx)
     return {"train_loss": out.training_loss, "train_samples": len(train)}

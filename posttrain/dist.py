@@ -1,0 +1,36 @@
+"""Which process this is under `accelerate launch` / torchrun, read from the launcher's environment.
+
+A leaf module: the library asks "am I the writer?" here, so nothing below the entry points has to
+import the launcher. Nothing here starts a process group before the trainer does.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not launched by accelerate/torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on the one process that writes run state (manifest, final model, eval)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every rank gets here; a no-op for a single process.
+
+    Uses accelerate's PartialState, the same process group the trainer will use later.
+    """
+    if world_size() <= 1:
+        return
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
