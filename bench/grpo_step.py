@@ -145,8 +145,8 @@ def run_plain(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> None
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
+    from posttrain.answer_format import TAGS_SYSTEM_PROMPT as DEFAULT_SYSTEM_PROMPT
     from posttrain.data import prompt_messages, task_rows
-    from posttrain.recipe import DEFAULT_SYSTEM_PROMPT
     from posttrain.rewards import build_reward_funcs
 
     # The demo tokenizer is saved as a generic one; AutoTokenizer would rebuild it as the model

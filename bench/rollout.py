@@ -101,9 +101,9 @@ def main() -> None:
     args = p.parse_args()
 
     from posttrain import runtime
+    from posttrain.answer_format import TAGS_SYSTEM_PROMPT as DEFAULT_SYSTEM_PROMPT
     from posttrain.data import load_source, prompt_messages
     from posttrain.models import build_tiny_model, count_params, load_model, train_tokenizer
-    from posttrain.recipe import DEFAULT_SYSTEM_PROMPT
     from posttrain.rollout import Sampling, generate, vllm_backend
     from posttrain.tasks import TASKS
 

@@ -48,9 +48,9 @@ DATA = [
 
 def build(work: Path, hidden: int, layers: int):
     """Tokenizer, chat-formatted SFT dataset and a tiny Llama saved to `work/model`."""
+    from posttrain.answer_format import TAGS_SYSTEM_PROMPT as DEFAULT_SYSTEM_PROMPT
     from posttrain.data import load_sources, to_sft
     from posttrain.models import build_tiny_model, train_tokenizer
-    from posttrain.recipe import DEFAULT_SYSTEM_PROMPT
 
     ds = to_sft(load_sources(DATA, seed=0, where="bench"), DEFAULT_SYSTEM_PROMPT)
     corpus = [m["content"] for row in ds for m in row["messages"]]

@@ -1,7 +1,8 @@
 """`posttrain <stage> RECIPE.yaml --run NAME [--key value ...]` and the run-level commands.
 
     posttrain base|sft|... RECIPE --run NAME [--force] [--no-eval] [--key value ...]
-    posttrain eval --run NAME --stage STAGE [--suite eval/tiny.yaml] [--weights ema]
+    posttrain eval --run NAME --stage STAGE [--suite eval/tiny.yaml] [--weights ema] [--data_dir D]
+    posttrain init-model --arch qwen2|llama|deepseek_v3 --tokenizer DIR --out DIR [--key value ...]
     posttrain status --run NAME
     posttrain fp8 quantize|dequantize SRC DST [--dtype bfloat16|float32]
     posttrain report --run NAME     runs/<run>/report.md + plots, from the manifest and logs only
@@ -76,7 +77,12 @@ def _eval_command(argv: list[str]) -> int:
     p.add_argument("--weights", default=None, help="sub-dir of the stage's model, e.g. ema")
     p.add_argument("--backend", default=None, choices=["auto", "hf", "vllm"],
                    help="rollout backend (default: the suite's `backend:`)")
+    p.add_argument("--data_dir", default=None,
+                   help="local copies of the benchmarks (default: $POSTTRAIN_DATA_DIR)")
     args = p.parse_args(argv)
+    if args.data_dir:
+        import os
+        os.environ["POSTTRAIN_DATA_DIR"] = args.data_dir
     from posttrain import runtime
     from posttrain.evaluate import format_table, run_eval
     from posttrain.manifest import Manifest
@@ -140,9 +146,24 @@ def _fp8_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"eval": _eval_command, "status": _status_command, "report": _report_command}
+def _init_model_command(argv: list[str]) -> int:
+    p = _Parser(prog="posttrain init-model")
+    p.add_argument("--arch", required=True, help="qwen2, llama or deepseek_v3")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer dir (e.g. a hub model's files)")
+    p.add_argument("--out", required=True, help="new model dir")
+    p.add_argument("--seed", type=int, default=0)
+    args, extra = p.parse_known_args(argv)
+    from posttrain.models import count_params, init_model, load_model
+    from posttrain.recipe import parse_override
+    config = {k: parse_override(v) for k, v in parse_overrides(extra).items()}
+    out = init_model(args.arch, args.tokenizer, args.out, seed=args.seed, **config)
+    print(f"{args.arch} with {count_params(load_model(out)) / 1e6:.2f}M random weights around "
+          f"{args.tokenizer}'s tokenizer -> {out}")
+    return 0
 
-COMMANDS["fp8"] = _fp8_command
+
+COMMANDS = {"eval": _eval_command, "status": _status_command, "report": _report_command,
+            "fp8": _fp8_command, "init-model": _init_model_command}
 
 
 def main(argv: list[str] | None = None) -> int:

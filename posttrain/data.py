@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from posttrain import answer_format as fmt
 from posttrain.errors import UserError
-from posttrain.models import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from posttrain.tasks import TASKS
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -153,32 +153,30 @@ def require_columns(ds, columns: list[str], where: str) -> None:
                         f"(has: {', '.join(ds.column_names)})")
 
 
-def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
-    """The chat prompt for a task question."""
+def prompt_messages(prompt: str, system_prompt: str | None,
+                    answer_format: str = "tags") -> list[dict[str, str]]:
+    """The chat prompt for a question: the system turn (if any), then the user turn the answer
+    format asks for (R1's instruction after the question for `boxed`)."""
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": prompt}]
+    return msgs + [{"role": "user", "content": fmt.user_turn(prompt, answer_format)}]
 
 
-def format_completion(trace: str, answer: str) -> str:
-    """The assistant turn the R1 format asks for."""
-    return f"{THINK_OPEN}{trace}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
-
-
-def to_sft(ds, system_prompt: str | None, where: str = "train_data"):
+def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: str = "train_data"):
     """Rows with a `messages` column: task rows become prompt + CoT assistant turn."""
     if "messages" in ds.column_names:
         return ds.select_columns(["messages"])
     if {"prompt", "trace", "answer"} <= set(ds.column_names):
         def convert(row):
-            return {"messages": prompt_messages(row["prompt"], system_prompt) + [
-                {"role": "assistant", "content": format_completion(row["trace"], row["answer"])}]}
+            return {"messages": prompt_messages(row["prompt"], system_prompt, answer_format) + [
+                {"role": "assistant",
+                 "content": fmt.completion(row["trace"], row["answer"], answer_format)}]}
         return ds.map(convert, remove_columns=ds.column_names)
     require_columns(ds, ["messages"], where)
     return ds
 
 
 def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_prompt: str | None,
-                     seed: int, where: str = "prompt_data"):
+                     seed: int, answer_format: str = "tags", where: str = "prompt_data"):
     """The one way stages load prompts: specs → rows with `prompt` as chat messages and the gold
     columns (`answer`/`solution`, `task`, `meta`) as they are.
 
@@ -191,15 +189,24 @@ def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_pro
                             f"{', '.join(ds.column_names)})")
         ds = ds.remove_columns([c for c in ("prompt",) if c in ds.column_names])
         ds = ds.rename_column(prompt_column, "prompt")
-    return to_prompts(ds, system_prompt, where)
+    return to_prompts(ds, system_prompt, answer_format, where)
 
 
-def to_prompts(ds, system_prompt: str | None, where: str = "prompts"):
+def to_prompts(ds, system_prompt: str | None, answer_format: str = "tags",
+               where: str = "prompts"):
     """Rows for RL / sampling: `prompt` as chat messages plus the gold columns kept as they are."""
     require_columns(ds, ["prompt"], where)
     if "answer" not in ds.column_names and "solution" not in ds.column_names:
         raise UserError(f"{where}: dataset needs an `answer` or `solution` column to verify against"
                         f" (has: {', '.join(ds.column_names)})")
     if getattr(ds.features["prompt"], "dtype", None) == "string":  # plain text, not messages yet
-        return ds.map(lambda row: {"prompt": prompt_messages(row["prompt"], system_prompt)})
-    return ds
+        return ds.map(lambda row: {"prompt": prompt_messages(row["prompt"], system_prompt,
+                                                             answer_format)})
+
+    def instruct(row):  # chat prompts (e.g. trl-lib sets) get the format's user-turn instruction
+        msgs = [dict(m) for m in row["prompt"]]
+        last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+        if last is not None:
+            msgs[last]["content"] = fmt.user_turn(msgs[last]["content"], answer_format)
+        return {"prompt": msgs}
+    return ds.map(instruct)

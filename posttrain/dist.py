@@ -34,3 +34,20 @@ def barrier() -> None:
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def all_gather_object(obj):
+    """Every rank's `obj`, in rank order (just `[obj]` for a single process).
+
+    Over the process group the trainer uses (accelerate's PartialState: gloo on CPU, NCCL on GPU).
+    """
+    if world_size() <= 1:
+        return [obj]
+    import torch
+    import torch.distributed as torch_dist
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out

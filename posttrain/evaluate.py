@@ -1,4 +1,5 @@
-"""Eval suites → metrics (pass@1 over n, unbiased pass@k, maj@k, format rate, length).
+"""Eval suites → metrics (pass@1 over n with its standard error, unbiased pass@k, maj@k and
+cons@n by mathematical equivalence, format rate, length, unscorable prompts).
 
 A suite YAML lists tasks and the sampling to evaluate them with (n samples per prompt,
 temperature, max new tokens). Synthetic tasks are generated from their test split; benchmarks
@@ -15,16 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain import answer_format as fmt
 from posttrain.data import check_spec, load_source, prompt_messages
 from posttrain.errors import UserError
-from posttrain.recipe import DEFAULT_SYSTEM_PROMPT, read_yaml
+from posttrain.recipe import read_yaml
 from posttrain.rollout import Sampling, generate
-from posttrain.scoring import extract_answer, is_well_formed, score
+from posttrain.scoring import answers_equal, extract_answer, score
 
 
 @dataclass
@@ -63,6 +64,10 @@ class Suite:
 
     `data_dir` is where relative task `path`s live (a local copy of the benchmarks); the
     environment variable POSTTRAIN_DATA_DIR overrides it, so one suite file serves every machine.
+    `answer_format` (tags / boxed, posttrain.answer_format) decides the prompt and what the
+    format rate counts; `system_prompt: auto` is that format's system turn. `protocol: r1` is
+    DeepSeek-R1's evaluation: temperature 0.6, top-p 0.95 unless the suite sets them, n samples
+    per prompt, pass@1 as their mean with its standard error, and cons@n (majority of all n).
     """
 
     name: str
@@ -75,7 +80,9 @@ class Suite:
     max_new_tokens: int = 128
     batch_size: int = 64
     seed: int = 1234
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    answer_format: str = "tags"
+    system_prompt: str | None = "auto"
+    protocol: str | None = None  # r1: DeepSeek-R1's sampling and figures (see above)
     backend: str = "auto"  # rollout backend: auto (vLLM on GPU where it can run), hf, vllm
     cache: bool = True     # reuse samples cached on disk for the same model, prompt and sampling
 
@@ -87,6 +94,11 @@ def load_suite(path: str | Path) -> Suite:
     if not isinstance(tasks, list) or not tasks:
         raise UserError(f"{path}: a suite needs `tasks:`, a non-empty list")
     data.setdefault("name", Path(path).stem)
+    if data.get("protocol") == "r1":
+        data.setdefault("temperature", 0.6)
+        data.setdefault("top_p", 0.95)
+    elif data.get("protocol") is not None:
+        raise UserError(f"{path}: protocol must be r1 or null, got {data['protocol']!r}")
     unknown = set(data) - set(Suite.__dataclass_fields__)
     if unknown:
         raise UserError(f"{path}: unknown suite key(s) {', '.join(sorted(unknown))}")
@@ -106,6 +118,9 @@ def load_suite(path: str | Path) -> Suite:
             raise UserError(f"{path}: task {st.name!r}: unknown key(s) {', '.join(sorted(knobs))}")
         parsed.append(st)
     suite = Suite(tasks=parsed, **data)
+    fmt.check(suite.answer_format, f"{path}: answer_format")
+    if suite.system_prompt == "auto":
+        suite.system_prompt = fmt.default_system_prompt(suite.answer_format)
     if suite.n < 1 or suite.k < 1:
         raise UserError(f"{path}: n and k must be >= 1")
     if suite.k > suite.n:
@@ -130,7 +145,8 @@ def task_prompts(st: SuiteTask, suite: Suite) -> list[dict[str, Any]]:
     if st.task is not None:
         spec = {"task": st.task, "split": "test", "n": st.n_prompts or 200, **st.difficulty}
         ds = load_source(spec, seed=suite.seed, where=f"suite {suite.name}/{st.name}")
-        return [{"prompt": prompt_messages(r["prompt"], suite.system_prompt), "gold": r["answer"],
+        return [{"prompt": prompt_messages(r["prompt"], suite.system_prompt, suite.answer_format),
+                 "gold": r["answer"],
                  "task": r["task"], "meta": r["meta"]} for r in ds]
     local = local_path(st, suite)
     if local is not None and local.exists():
@@ -147,7 +163,8 @@ def task_prompts(st: SuiteTask, suite: Suite) -> list[dict[str, Any]]:
                             f"(has: {', '.join(ds.column_names)})")
     if st.n_prompts:
         ds = ds.select(range(min(st.n_prompts, len(ds))))
-    return [{"prompt": prompt_messages(str(r[st.problem_field]), suite.system_prompt),
+    return [{"prompt": prompt_messages(str(r[st.problem_field]), suite.system_prompt,
+                                       suite.answer_format),
              "gold": str(r[st.answer_field]), "task": None, "meta": None} for r in ds]
 
 
@@ -159,30 +176,51 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
-    """Is the most common extracted answer (ties: first seen) a correct one?"""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
+    """Is the most common answer (answers grouped by mathematical equivalence, so `0.5` and
+    `\\frac{1}{2}` vote together; ties: first seen) a correct one?"""
+    groups: list[list[int]] = []  # indices of equivalent answers, in order of first appearance
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        home = next((g for g in groups if answers_equal(answers[g[0]], a)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    if not groups:
         return False
-    top = votes.most_common(1)[0][0]
-    return correct[answers.index(top)]
+    top = max(groups, key=len)  # max keeps the first of equal sizes
+    return bool(correct[top[0]])
 
 
 def metrics(samples: list[list[dict[str, Any]]], k: int) -> dict[str, float]:
-    """Aggregate per-prompt samples (each with correct/well_formed/tokens/answer) into figures."""
+    """Aggregate per-prompt samples (each with correct/well_formed/tokens/answer) into figures.
+
+    A prompt whose gold is unscorable (`correct` None) is counted in `unscorable`, not as wrong;
+    the accuracy figures are over the scorable prompts. `pass@1_se` is the standard error of
+    pass@1 over prompts; `cons@n` is the majority vote over all n samples.
+    """
     n = len(samples[0])
-    p1, pk, mk, fmt, toks = [], [], [], [], []
+    p1, pk, mk, cons, fmt, toks = [], [], [], [], [], []
+    unscorable = 0
     for group in samples:
-        c = sum(s["correct"] for s in group)
-        p1.append(c / n)
-        pk.append(pass_at_k(n, c, k))
-        mk.append(majority_correct([s["answer"] for s in group[:k]],
-                                   [s["correct"] for s in group[:k]]))
         fmt.extend(s["well_formed"] for s in group)
         toks.extend(s["tokens"] for s in group)
+        if any(s["correct"] is None for s in group):
+            unscorable += 1
+            continue
+        c = sum(bool(s["correct"]) for s in group)
+        p1.append(c / n)
+        pk.append(pass_at_k(n, c, k))
+        answers, correct = [s["answer"] for s in group], [bool(s["correct"]) for s in group]
+        mk.append(majority_correct(answers[:k], correct[:k]))
+        cons.append(majority_correct(answers, correct))
     mean = lambda xs: float(sum(xs) / max(1, len(xs)))  # noqa: E731
-    return {"pass@1": mean(p1), f"pass@{k}": mean(pk), f"maj@{k}": mean(mk),
-            "format_rate": mean(fmt), "mean_tokens": mean(toks), "n_prompts": len(samples),
-            "n_samples": n}
+    se = (math.sqrt(sum((x - mean(p1)) ** 2 for x in p1) / (len(p1) - 1) / len(p1))
+          if len(p1) > 1 else 0.0)
+    return {"pass@1": mean(p1), "pass@1_se": se, f"pass@{k}": mean(pk), f"maj@{k}": mean(mk),
+            f"cons@{n}": mean(cons), "format_rate": mean(fmt), "mean_tokens": mean(toks),
+            "n_prompts": len(samples), "unscorable": unscorable, "n_samples": n}
 
 
 def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
@@ -202,7 +240,7 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
             for c in comps:
                 ok = score(c.text, row["gold"], row["task"], row["meta"])
                 group.append({"text": c.text, "answer": extract_answer(c.text),
-                              "correct": bool(ok), "well_formed": is_well_formed(c.text),
+                              "correct": None if ok is None else bool(ok), "well_formed": fmt.is_well_formed(c.text, suite.answer_format),
                               "tokens": c.tokens, "finish_reason": c.finish_reason})
             per_prompt.append(group)
         results[st.name] = metrics(per_prompt, suite.k)
@@ -248,7 +286,8 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     for stage, suites in rows.items():
         for suite, tasks in suites.items():
             for task, m in tasks.items():
-                pk = next((v for k, v in m.items() if k.startswith("pass@") and k != "pass@1"), 0.0)
+                pk = next((v for k, v in m.items() if k.startswith("pass@") and k != "pass@1"
+                           and k[5:].isdigit()), 0.0)
                 mk = next((v for k, v in m.items() if k.startswith("maj@")), 0.0)
                 lines.append(f"{stage:<16}{suite + '/' + task:<28}{m['pass@1']:>8.3f}{pk:>8.3f}"
                              f"{mk:>8.3f}{m['format_rate']:>8.3f}{m['mean_tokens']:>8.1f}")

@@ -96,22 +96,85 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     return hf
 
 
-def build_tiny_model(arch: str, tokenizer, seed: int = 0, **overrides: Any):
-    """A randomly initialised tiny causal LM of `arch` (deepseek_v3, qwen2, llama)."""
+def build_tiny_model(arch: str, tokenizer, seed: int = 0, eos_token_id: int | list[int] | None = None,
+                     **overrides: Any):
+    """A randomly initialised tiny causal LM of `arch` (deepseek_v3, qwen2, llama).
+
+    `eos_token_id`: every id generation stops on (default: the tokenizer's EOS).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in TINY_CONFIGS:
         raise UserError(f"unknown tiny arch {arch!r}; known: {', '.join(TINY_CONFIGS)}")
     params = {**TINY_CONFIGS[arch], **overrides}
-    config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **params)
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    # No pad token (Llama-3): pad with the tokenizer's EOS, as `load_tokenizer` does.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        config = AutoConfig.for_model(arch, vocab_size=len(tokenizer),
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                                      pad_token_id=pad, **params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad {arch} config ({str(e).splitlines()[0]})") from None
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = eos
     return model
+
+
+def init_model(arch: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: int = 0,
+               **overrides: Any) -> Path:
+    """A tiny random-weight model of `arch` around a real tokenizer, saved as an HF model dir.
+
+    The vocabulary, special tokens, chat template and stop ids are the tokenizer's (its
+    `generation_config.json`, when the folder has one, gives every id generation stops on), so a
+    full-size recipe can be smoke-tested on CPU along the path a hub model takes.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src = Path(tokenizer_dir).expanduser()
+    if not src.is_dir():
+        raise UserError(f"tokenizer dir {src} not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}") from None
+    eos = None
+    if (src / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(str(src)).eos_token_id
+    model = build_tiny_model(arch, tokenizer, seed=seed, eos_token_id=eos, **overrides)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def device():
+    """The one device policy: every model we load goes to the GPU when there is one, else CPU."""
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every id generation stops on: the model's `generation_config` EOS ids (Llama-3 stops on
+    three) and the tokenizer's EOS, in that order, without repeats."""
+    ids = getattr(generation_config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def saved_generation_config(model_dir: str | Path):
+    """A model dir's `GenerationConfig` (None when it has none), read without loading weights."""
+    from transformers import GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
 
 
 def _check_ref(ref: str | Path) -> str:
@@ -160,7 +223,8 @@ def load_tokenizer(ref: str | Path, require_chat_template: bool = True):
 
 
 def load_model(ref: str | Path, dtype: str = "auto"):
-    """Causal LM from a model dir or hub id (fp32 on CPU unless `dtype` says otherwise)."""
+    """Causal LM from a model dir or hub id, on `device()` (bf16 on a GPU, fp32 on CPU, unless
+    `dtype` says otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -170,9 +234,10 @@ def load_model(ref: str | Path, dtype: str = "auto"):
     else:
         torch_dtype = getattr(torch, dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model from {ref!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device())
 
 
 def count_params(model) -> int:

@@ -97,14 +97,15 @@ def _assistant_turns(value: Any, where: str) -> list[dict[str, str]]:
                     f"turn, got {str(value)[:80]!r}")
 
 
-def to_preference(ds, system_prompt: str | None, where: str = "train_data"):
+def to_preference(ds, system_prompt: str | None, answer_format: str = "tags",
+                  where: str = "train_data"):
     """A prompt/chosen/rejected dataset in the conversational form the chat template renders."""
     require_columns(ds, ["prompt", "chosen", "rejected"], where)
 
     def convert(row):
         prompt = row["prompt"]
         if isinstance(prompt, str):
-            prompt = prompt_messages(prompt, system_prompt)
+            prompt = prompt_messages(prompt, system_prompt, answer_format)
         return {"prompt": prompt, "chosen": _assistant_turns(row["chosen"], where),
                 "rejected": _assistant_turns(row["rejected"], where)}
 

@@ -18,12 +18,8 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from posttrain import answer_format
 from posttrain.errors import UserError
-
-DEFAULT_SYSTEM_PROMPT = (
-    "Think step by step inside <think> </think>, then give the final answer inside "
-    "<answer> </answer>."
-)
 
 
 @dataclasses.dataclass
@@ -39,7 +35,11 @@ class Recipe:
         seed: Seed for data generation, sampling and training.
         threads: torch CPU threads (default: all cores, at most 8).
         eval_suite: Suite YAML run when the stage finishes; null to skip.
-        system_prompt: System turn put before every task prompt (null for none).
+        answer_format: `tags` (`<think>…</think><answer>…</answer>`, the tiny world's) or
+            `boxed` (R1's: `<think>…</think>` then `\\boxed{}`); it decides the prompt, the
+            format rewards, the rejection filter, DPO pairing (posttrain.answer_format).
+        system_prompt: System turn put before every prompt; `auto`: the answer format's (the
+            tag instruction for `tags`, none for `boxed`, as R1 prompts); null for none.
         fp8: Train the eligible Linear layers and routed experts in DeepSeek-V3-style
             fine-grained FP8 (posttrain.fp8); embeddings, head, routers and norms stay as they are.
         ema: Keep an EMA of the trainable weights in CPU memory and save it to
@@ -55,7 +55,8 @@ class Recipe:
     seed: int = 42
     threads: int | None = None
     eval_suite: str | None = "eval/tiny.yaml"
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    answer_format: str = "tags"
+    system_prompt: str | None = "auto"
     fp8: bool = False
     ema: dict[str, Any] | None = None
     moe_balance: dict[str, Any] | None = None
@@ -73,12 +74,17 @@ class Recipe:
     OUTPUT: ClassVar[str] = "model"
     OUTPUT_DIR: ClassVar[str] = "model"
 
+    def __post_init__(self) -> None:
+        if self.system_prompt == "auto" and self.answer_format in answer_format.ANSWER_FORMATS:
+            self.system_prompt = answer_format.default_system_prompt(self.answer_format)
+
     @property
     def stage_name(self) -> str:
         return self.name or self.stage
 
     def validate(self) -> None:
         """Cross-field checks; raise UserError. Subclasses extend."""
+        answer_format.check(self.answer_format)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         # TRL fields every stage shares; 0 or less is a typo the trainer would accept silently

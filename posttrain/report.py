@@ -52,7 +52,8 @@ def _is_number(text: str) -> bool:
 
 
 def _k_value(m: dict[str, Any], prefix: str) -> float | None:
-    return next((v for k, v in m.items() if k.startswith(prefix) and k != "pass@1"), None)
+    return next((v for k, v in m.items() if k.startswith(prefix) and k != "pass@1"
+                 and k[len(prefix):].isdigit()), None)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

@@ -1,8 +1,14 @@
-"""Answer extraction and verification, shared by the eval suites and the RL rewards.
+"""Is a completion right? One code path for the eval suites, the RL rewards, rejection sampling
+and DPO pairing.
 
-One code path decides "is this completion right" everywhere: synthetic tasks use their own
-checkers on the `<answer>` text; other data goes through math-verify (LaTeX, `\\boxed{}`,
-numbers: `1,000` = `1000`, `0.5` = `\\frac12`).
+Synthetic tasks use their own checkers on the extracted answer. Everything else: the gold is read
+as datasets write it (GSM8K `#### 42`, a solution's last `\\boxed{}`, or bare), the answer is
+found as models write it (posttrain.extraction), and math-verify decides equivalence (LaTeX,
+fractions, intervals, tuples, `x = 5` against `5`, `1,000` = `1000`, `0.5` = `\\frac12`).
+
+A gold that is neither a math object nor a clean literal (a word such as `Monday`, a choice such
+as `(C)`) makes the sample unscorable: `score` returns None, rewards skip it, evals count it. This
+matters: math-verify reads prose as a product of symbols, so `two forty` would "equal" `forty two`.
 """
 
 from __future__ import annotations
@@ -13,28 +19,23 @@ import threading
 from functools import lru_cache
 from typing import Any
 
+from posttrain.extraction import boxed, clean, extract_answer
 from posttrain.tasks import TASKS
 from posttrain.tasks.base import load_meta
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+__all__ = ["answers_equal", "boxed", "completion_text", "extract_answer", "gold_answer",
+           "gold_value", "math_equal", "score", "think_text"]
+
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-# Well formed: optional <think> (the chat template may have put it in the prompt), reasoning,
-# </think>, then exactly one <answer> block and nothing but whitespace after it. Neither body may
-# hold a think/answer tag (a stray `</think>` or nested `<answer>` is not the format), and both
-# must say something (`<think> </think>` is no reasoning).
-_BODY = r"((?:(?!</?(?:think|answer)>).)+)"
-_FORMAT = re.compile(rf"^\s*(?:<think>)?{_BODY}</think>\s*<answer>{_BODY}</answer>\s*$", re.DOTALL)
-# `\bis\b`: "the answer isn't obvious" is no final-answer phrase.
-_FINAL_PHRASE = re.compile(r"(?:final answer|the answer|answer)\s*(?:\bis\b|:)\s*\$?([^\n$]+)",
-                           re.IGNORECASE)
-# Commas only as thousands separators: "3,4" is two numbers, "18," is 18, "1,000" is one.
-_NUMBER_TEXT = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NUMBER = re.compile(rf"{_NUMBER_TEXT}(?![\d])")
-# A phrase that is a number followed by prose ("18, which is...", "3 apples."): keep the number.
-_LEADING_NUMBER = re.compile(rf"^({_NUMBER_TEXT})(?=[,;.!]?\s+[^\W\d_]|[,;.!]?\s*$)")
-# A whole answer that is a number with commas anywhere ("1,000", "18,"): commas are dropped.
-_NUMERIC = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+# Words that are math, not prose, when they appear in an answer.
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "log",
+               "ln", "exp", "sqrt", "pi", "infty", "inf", "mod", "gcd", "lcm", "max", "min", "deg",
+               "and", "or", "i", "e"}
+_LITERAL = re.compile(r"^\(?([A-Za-z]+)\)?$")
+# A hedge or an enumeration is not an answer: longer than this many times the gold (and 32
+# characters), it scores 0.
+_MAX_LENGTH_RATIO = 4
 
 
 def completion_text(completion: Any) -> str:
@@ -50,12 +51,6 @@ def completion_text(completion: Any) -> str:
     return ""
 
 
-def is_well_formed(text: str) -> bool:
-    """`<think>…</think>` then `<answer>…</answer>` (leading `<think>` may be in the prompt)."""
-    m = _FORMAT.match(text)
-    return bool(m and m.group(1).strip() and m.group(2).strip())
-
-
 def think_text(text: str) -> str | None:
     """The reasoning inside <think>…</think> (or before </think> if <think> was in the prompt)."""
     m = _THINK.search(text)
@@ -64,46 +59,6 @@ def think_text(text: str) -> str | None:
     if "</think>" in text:
         return text.split("</think>", 1)[0]
     return None
-
-
-def boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{…}` (balanced braces), or None."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    rest = text[start + len("\\boxed"):]
-    i = start + len("\\boxed") + len(rest) - len(rest.lstrip())
-    if i >= len(text) or text[i] != "{":
-        # `\boxed 5` (brace-less, one token); a `{` further on belongs to something else.
-        m = re.match(r"\s+([^\s${}]+)", rest)
-        return m.group(1) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer: `<answer>` tags, else `\\boxed{}`, else a final-answer phrase, else the
-    last number."""
-    tagged = _ANSWER.findall(text)
-    if tagged:
-        return tagged[-1].strip()
-    box = boxed(text)
-    if box is not None:
-        return box.strip()
-    phrase = _FINAL_PHRASE.findall(text)
-    if phrase:
-        answer = phrase[-1].strip()
-        lead = _LEADING_NUMBER.match(answer)
-        return lead.group(1) if lead else answer.rstrip(".")
-    nums = _NUMBER.findall(text)
-    return nums[-1] if nums else None
 
 
 def gold_answer(gold: str) -> str:
@@ -126,44 +81,89 @@ def _timeout() -> int | None:
 
 @lru_cache(maxsize=65536)
 def _parse(text: str):
+    """math-verify's parse of a cleaned answer (wrapped in `$…$`: it reads LaTeX only inside
+    delimiters or `\\boxed{}`, so a bare `\\frac{\\pi}{2}` would parse to nothing)."""
     from math_verify import parse
-    # Wrap undelimited answers (`42`, `\frac{\pi}{2}`) in $…$: math-verify reads LaTeX only
-    # inside delimiters or \boxed{}, so a bare `\frac{\pi}{2}` used to parse to nothing.
-    delimited = "$" in text or "\\boxed" in text or "\\[" in text or "\\(" in text
-    wrapped = text if delimited else f"${text}$"
-    return parse(wrapped, parsing_timeout=_timeout()) or parse(text, parsing_timeout=_timeout())
+    if not text:
+        return []
+    try:
+        return parse(f"${text}$", parsing_timeout=_timeout()) or \
+            parse(text, parsing_timeout=_timeout())
+    except Exception:  # noqa: BLE001 - sympy/antlr can fail on odd input: unparsed, never a crash
+        return []
+
+
+def _literal(text: str) -> str | None:
+    """A clean literal (one word, or a choice letter like `(C)`), lower-cased; else None."""
+    inner = re.sub(r"^\\(?:text|textbf|mathrm)\{(.*)\}$", r"\1", text.strip())
+    m = _LITERAL.match(inner.strip())
+    return m.group(1).lower() if m else None
+
+
+def _prose(text: str) -> bool:
+    """Does a cleaned answer read as words ("forty two", "is odd")? Two words of 2+ letters next
+    to each other, outside LaTeX commands and `\\text{}`, and not math words ("x and y", "sin x"),
+    make prose; variable names (`dM/dt`, `MR=SRMC`) do not."""
+    bare = re.sub(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{[^{}]*\}", " ", text)
+    bare = re.sub(r"\\[A-Za-z]+", " ", bare)
+    pairs = re.findall(r"(?=\b([A-Za-z]{2,})\s+([A-Za-z]{2,})\b)", bare)
+    return any(a.lower() not in _MATH_WORDS and b.lower() not in _MATH_WORDS for a, b in pairs)
+
+
+@lru_cache(maxsize=65536)
+def gold_value(gold: str) -> tuple[str, Any] | None:
+    """How a gold is compared: ("math", parsed), ("literal", word), or None when unscorable."""
+    g = clean(gold_answer(gold))
+    literal = _literal(g)
+    if literal is not None and (len(literal) == 1 and "(" in g or len(literal) > 1):
+        return ("literal", literal)
+    if not g or _prose(g):
+        return None
+    parsed = _parse(g)
+    return ("math", parsed) if parsed else None
 
 
 def math_equal(answer: str, gold: str) -> bool | None:
-    """math-verify equivalence; None if the gold cannot be parsed (the sample is skipped)."""
-    from math_verify import verify
-    gold_parsed = _parse(gold_answer(gold).replace(",", "") if _NUMERIC.fullmatch(
-        gold_answer(gold)) else gold_answer(gold))
-    if not gold_parsed:
+    """Is `answer` equivalent to `gold`? None when the gold is unscorable (the sample is skipped)."""
+    value = gold_value(str(gold))
+    if value is None:
         return None
-    ans = answer.strip()
-    if _NUMERIC.fullmatch(ans):
-        ans = ans.replace(",", "")
-    pred = _parse(ans)
+    a = clean(answer)
+    if not a or len(a) > max(32, _MAX_LENGTH_RATIO * len(clean(gold_answer(str(gold))))):
+        return False
+    kind, parsed = value
+    if kind == "literal":
+        return _literal(a) == parsed
+    if _prose(a):
+        return False
+    pred = _parse(a)
     if not pred:
         return False
+    from math_verify import verify
     try:
-        return bool(verify(gold_parsed, pred, timeout_seconds=_timeout()))
+        return bool(verify(parsed, pred, timeout_seconds=_timeout()))
     except Exception:  # noqa: BLE001 - sympy can fail on odd input: count it wrong, never crash
         return False
 
 
+def answers_equal(a: str, b: str) -> bool:
+    """Are two extracted answers the same value (majority vote groups by this)?"""
+    if a == b or clean(a) == clean(b):
+        return True
+    return math_equal(a, b) is True
+
+
 def score(text: str, gold: str | None = None, task: str | None = None,
-          meta: str | dict[str, Any] | None = None) -> bool | None:
+          meta: str | dict[str, Any] | None = None, last_number: bool = True) -> bool | None:
     """Is completion `text` right? Synthetic tasks use their checker; others math-verify.
 
-    Returns None when the gold answer cannot be parsed (callers skip such samples).
+    Returns None when there is no gold or it is unscorable (callers skip such samples).
+    `last_number`: allow the last-number fallback of `extract_answer` (off for RL rewards).
     """
-    answer = extract_answer(text)
     if task in TASKS and meta is not None:
+        answer = extract_answer(text, last_number)
         return answer is not None and TASKS[task].check_answer(answer, load_meta(meta))
-    if gold is None:
+    if gold is None or gold_value(str(gold)) is None:
         return None
-    if answer is None:
-        return False if math_equal("0", gold) is not None else None
-    return math_equal(answer, gold)
+    answer = extract_answer(text, last_number)
+    return False if answer is None else math_equal(answer, str(gold))

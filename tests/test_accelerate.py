@@ -95,6 +95,31 @@ def test_grpo_two_processes_match_one(tiny_run):
           f"{[one[s]['reward'] for s in one]}")
 
 
+REJECTION_ARGS = ["recipes/tiny/rejection.yaml", "--samples_per_prompt", "4", "--max_new_tokens",
+                  "32", "--rollout_batch_size", "8", "--check_steps", "false", "--prompt_data",
+                  "[{task: arithmetic, n: 20, digits: 1}]"]
+
+
+@pytest.mark.slow
+def test_rejection_two_processes_write_the_one_process_dataset(teacher_run, tmp_path,
+                                                               monkeypatch):
+    """Each rank samples its share of the prompts, rank 0 gathers and writes once: the dataset
+    equals the one a single process writes (separate rollout caches, so nothing is reused)."""
+    monkeypatch.setenv("POSTTRAIN_ROLLOUT_CACHE", str(tmp_path / "cache_2p"))
+    proc = _launch(["rejection", *REJECTION_ARGS, "--init_from", "teacher", "--name",
+                    "rejection_ddp", "--run", teacher_run], via_launcher=True)
+    assert proc.stderr.count("stage 'rejection_ddp' of run") == 1  # rank 0 alone writes
+    monkeypatch.setenv("POSTTRAIN_ROLLOUT_CACHE", str(tmp_path / "cache_1p"))
+    assert cli_main(["rejection", *REJECTION_ARGS, "--init_from", "teacher", "--name",
+                     "rejection_1p", "--run", teacher_run]) == 0
+    m = Manifest(teacher_run)
+    two, one = (Path(m.stage(n)["output_dir"]) / "train.jsonl"
+                for n in ("rejection_ddp", "rejection_1p"))
+    assert two.read_text() == one.read_text() and one.read_text().strip()
+    assert m.stage("rejection_ddp")["metrics"] == m.stage("rejection_1p")["metrics"]
+    assert not list(two.parent.parent.glob("*.tmp"))  # no leftover temp dir of a racing rank
+
+
 def test_launch_command_line():
     cmd, env = launch.command("ddp", 2, ["sft", "r.yaml", "--run", "x"])
     i = cmd.index("accelerate.commands.launch")

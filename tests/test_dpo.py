@@ -76,7 +76,7 @@ def test_dpo_stage_from_scored_samples(tiny_run):
     stats = json.loads((stage_dir / "pairs_stats.json").read_text())
     assert pairs and stats["pairs"] == len(pairs) == entry["metrics"]["pairs"]
     assert stats["prompts"] == 32 and stats["prompts_with_pair"] + stats["prompts_no_pair"] == 32
-    from posttrain.scoring import is_well_formed
+    from posttrain.answer_format import is_well_formed
     assert all(is_well_formed(p["chosen"][0]["content"]) for p in pairs)
     assert all(p["prompt"][-1]["role"] == "user" for p in pairs)
     # TRL's margins and preference accuracy reached logs.jsonl; the plot was drawn.

@@ -105,7 +105,11 @@ def test_data_dir_env_overrides_suite_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_DATA_DIR", str(tmp_path))
     suite = load_suite(ROOT / "eval" / "gsm8k.yaml")
     out = task_prompts(suite.tasks[0], suite)
-    assert [r["prompt"][-1]["content"] for r in out] == [r["question"] for r in rows]
+    # R1 prompting (answer_format: boxed): the question, then the \boxed{} instruction.
+    assert [r["prompt"][-1]["content"] for r in out] == [
+        r["question"] + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+        for r in rows]
+    assert [m["role"] for m in out[0]["prompt"]] == ["user"]  # no system turn
     assert score("<answer>3</answer>", out[2]["gold"]) is True
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.data import format_completion, prompt_messages
+from posttrain.answer_format import completion as format_completion
+from posttrain.data import prompt_messages
 from posttrain.errors import UserError
 from posttrain.models import (
     TAG_TOKENS,

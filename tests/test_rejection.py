@@ -46,8 +46,8 @@ def c(text: str, tokens: int = 40, reason: str = "stop") -> Completion:
     # R1-style output (no answer tags): malformed for the tiny world, fine when tags are not asked.
     (c("6 times 7 is 42.</think>The answer is $\\boxed{42}$."), BENCH, FilterConfig(), "format"),
     (c("6 times 7 is 42.</think>The answer is $\\boxed{42}$."), BENCH,
-     FilterConfig(require_tags=False), None),
-    (c("6 times 7 is 42. The answer is $\\boxed{42}$."), BENCH, FilterConfig(require_tags=False),
+     FilterConfig(answer_format="boxed"), None),
+    (c("6 times 7 is 42. The answer is $\\boxed{42}$."), BENCH, FilterConfig(answer_format="boxed"),
      "format"),
     (c("<think>" + "let me check that again. " * 20 + "</think><answer>42</answer>"), BENCH,
      FilterConfig(), "repetitive"),

@@ -28,7 +28,9 @@ ACCURACY = [
     ("The answer is \\boxed{\\frac{1}{2}}", {"answer": "0.5"}, 1.0),
     ("<answer>0.5</answer>", {"solution": "We get $\\boxed{\\frac12}$."}, 1.0),
     ("<answer>1,000</answer>", {"answer": "1000"}, 1.0),
-    ("so 18 eggs, 9 sold... she makes 18 dollars", {"solution": "16-3-4=9\n9*2=18\n#### 18"}, 1.0),
+    # No marked answer: the bare last number is off for RL rewards (it pays for a number that
+    # merely appears last); `reward_kwargs: {accuracy: {last_number: true}}` turns it on.
+    ("so 18 eggs, 9 sold... she makes 18 dollars", {"solution": "16-3-4=9\n9*2=18\n#### 18"}, 0.0),
     ("<answer>17</answer>", {"solution": "9*2=18\n#### 18"}, 0.0),
     ("<answer>42</answer>", {}, None),  # no gold column: skip, never a silent 0
     ("<answer>42</answer>", {"answer": "\\boxed{}"}, None),  # unparseable gold: skip
@@ -42,6 +44,13 @@ ACCURACY = [
 def test_accuracy(completion, columns, expected):
     cols = {k: [v] for k, v in columns.items()}
     assert REWARDS["accuracy"]([completion], **cols) == [expected]
+
+
+def test_accuracy_last_number_fallback_is_opt_in():
+    text, gold = "so 18 eggs, 9 sold... she makes 18 dollars", ["16-3-4=9\n9*2=18\n#### 18"]
+    (fn,), _ = build_reward_funcs({"accuracy": 1.0}, {"accuracy": {"last_number": True}})
+    assert fn([text], solution=gold) == [1.0]
+    assert REWARDS["accuracy"]([text], solution=gold) == [0.0]
 
 
 FORMAT = [
@@ -64,16 +73,44 @@ def test_format_and_tag_count(completion, fmt, tags):
     assert REWARDS["tag_count"]([completion]) == [tags]
 
 
+# `answer_format: boxed` (R1): the stage adds an `answer_format` column the rewards read.
+BOXED_FORMAT = [
+    ("<think>3+2=5</think>\n\nThe answer is $\\boxed{5}$.", 1.0, 1.0),
+    ("3+2=5</think>\n\nThe answer is $\\boxed{5}$.", 1.0, 1.0),  # template opened <think>
+    ("<think>3+2=5</think>\n\nThe answer is 5.", 0.0, 0.5),  # no box
+    ("<think>3+2=5 \\boxed{5}</think> so 5.", 0.0, 0.5),  # a box only inside the reasoning
+    ("<think>a</think>\\boxed{4} or \\boxed{5}", 1.0, 0.75),  # two boxes: no full tag credit
+    ("<think>a</think><answer>5</answer>", 0.0, 0.5),  # the tags format does not count here
+    ("The answer is $\\boxed{5}$.", 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, fmt, tags", BOXED_FORMAT)
+def test_format_and_tag_count_boxed(completion, fmt, tags):
+    cols = {"answer_format": ["boxed"]}
+    assert REWARDS["format"]([completion], **cols) == [fmt]
+    assert REWARDS["tag_count"]([msg(completion)], **cols) == [tags]
+
+
 def test_build_reward_funcs_names_weights_and_pickles():
     funcs, weights = build_reward_funcs({"accuracy": 1, "format": 0.1, "reasoning_steps": 0.2},
                                         {"reasoning_steps": {"separator": "|"}})
-    # TRL names a partial after the function it wraps: that name must be the reward's.
-    assert [getattr(f, "func", f).__name__ for f in funcs] == ["accuracy", "format",
-                                                                "reasoning_steps"]
-    assert [f.__name__ for f in funcs] == ["accuracy", "format", "reasoning_steps"]
+    # The name TRL logs them under (rewards/<name>/mean) must be the recipe's.
+    from trl.trainer.utils import get_callable_name
+    assert [get_callable_name(f) for f in funcs] == ["accuracy", "format", "reasoning_steps"]
     assert weights == [1.0, 0.1, 0.2]
     assert funcs[2]([GOOD]) == [1.0]
     assert pickle.loads(pickle.dumps(funcs[2]))([GOOD]) == [1.0]
+
+
+def test_rewards_log_their_unscorable_share():
+    """GRPO logs rewards/<name>/unscorable_frac per step through TRL's log_metric hook."""
+    (acc,), _ = build_reward_funcs({"accuracy": 1.0})
+    logged = {}
+    out = acc(["<answer>42</answer>"] * 4, answer=["42", "forty two", "\\boxed{}", "41"],
+              log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert out == [1.0, None, None, 0.0]
+    assert logged == {"rewards/accuracy/unscorable_frac": 0.5}
 
 
 @pytest.mark.parametrize("weights, kwargs, message", [

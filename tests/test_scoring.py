@@ -9,12 +9,12 @@ import json
 
 import pytest
 
+from posttrain.answer_format import is_well_formed
 from posttrain.scoring import (
     boxed,
     completion_text,
     extract_answer,
     gold_answer,
-    is_well_formed,
     math_equal,
     score,
     think_text,
@@ -112,9 +112,29 @@ FORMAT = [
 ]
 
 
+# R1's format: reasoning, </think>, then a conclusion with a \boxed{} answer.
+BOXED_FORMAT = [
+    ("<think>a</think>\n\nThe answer is $\\boxed{5}$.", True),
+    ("a</think>\n\nThe answer is $\\boxed{5}$.", True),  # <think> opened by the template
+    ("<think>\n5+0=5\n</think>\n\n\\boxed{5}", True),
+    ("<think>a</think>The answer is 5.", False),  # no box
+    ("<think>a</think>The answer is $\\boxed{}$.", False),  # empty box
+    ("<think>a \\boxed{5}</think>The answer is 5.", False),  # boxed only inside the reasoning
+    ("The answer is $\\boxed{5}$.", False),  # no reasoning block
+    ("<think> </think>\\boxed{5}", False),  # empty reasoning
+    ("<think>a</think>b</think>\\boxed{5}", False),  # stray </think>
+    ("<think>a</think><answer>5</answer>", False),  # the tags format is not the boxed one
+]
+
+
 @pytest.mark.parametrize("text, expected", FORMAT)
 def test_is_well_formed(text, expected):
     assert is_well_formed(text) is expected
+
+
+@pytest.mark.parametrize("text, expected", BOXED_FORMAT)
+def test_is_well_formed_boxed(text, expected):
+    assert is_well_formed(text, "boxed") is expected
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -7,6 +7,7 @@ chat-message lists, dataset columns (`answer`, `solution`, `task`, `meta`, ...) 
 
 Rewards (keys of `REWARDS`; tunable parameters in brackets, with defaults):
     accuracy              1/0: final answer right (task checker, else math-verify on answer/solution)
+                          [last_number=False: also take a bare last number as the answer]
     format                1/0: `<think>…</think><answer>…</answer>` (template-opened `<think>` ok)
     tag_count             0.25 per think/answer tag present exactly once
     reasoning_steps       share of explicit steps in the reasoning [min_steps=3, separator=None]
@@ -35,7 +36,6 @@ function in a themed module and a line here (no registry, no plugins).
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -75,6 +75,24 @@ def reward_params(name: str) -> dict[str, Any]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _TRL_ARGS}
 
 
+class _Reward:
+    """A reward bound to its recipe parameters, named as the recipe names it (TRL logs
+    `rewards/<name>/mean`). During GRPO it also logs the share of samples it could not score
+    (None: unscorable gold) as `rewards/<name>/unscorable_frac`, through TRL's `log_metric` hook.
+    A module-level class, so it pickles (TRL's vLLM and multiprocess paths need that)."""
+
+    def __init__(self, func: RewardFunc, name: str, params: Mapping[str, Any]):
+        self.func, self.__name__, self.params = func, name, dict(params)
+
+    def __call__(self, completions: Any, **columns: Any) -> list[float | None]:
+        out = self.func(completions, **self.params, **columns)
+        log_metric = columns.get("log_metric")
+        if callable(log_metric) and out:
+            log_metric(f"rewards/{self.__name__}/unscorable_frac",
+                       sum(r is None for r in out) / len(out))
+        return out
+
+
 def _known() -> str:
     return ", ".join(REWARDS)
 
@@ -84,9 +102,9 @@ def build_reward_funcs(weights: Mapping[str, float],
                        ) -> tuple[list[RewardFunc], list[float]]:
     """Reward functions and weights for GRPOTrainer from a recipe's `rewards` / `reward_kwargs`.
 
-    Parameters are bound with `functools.partial` (TRL names a partial after the wrapped function,
-    so it logs `rewards/<name>/mean`, and a partial pickles); each bound reward is called once on
-    an empty batch so a bad parameter fails here, before any model is loaded.
+    Parameters are bound in a `_Reward` (named as the recipe names it, picklable, logging its
+    unscorable share); each bound reward is called once on an empty batch so a bad parameter
+    fails here, before any model is loaded.
 
     Args:
         weights: Reward name → weight, in the order TRL should see them.
@@ -124,10 +142,7 @@ def build_reward_funcs(weights: Mapping[str, float],
         if unknown:
             raise UserError(f"reward {name!r} has no parameter {unknown[0]!r}; its parameters: "
                             f"{', '.join(allowed) or '(none)'}")
-        func = REWARDS[name]
-        if params:
-            func = functools.partial(func, **params)
-            func.__name__ = name  # what TRL's get_callable_name would also report
+        func = _Reward(REWARDS[name], name, params)
         func([])  # validates the parameters now (UserError) rather than at the first step
         funcs.append(func)
         out_weights.append(float(weight))

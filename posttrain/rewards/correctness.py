@@ -15,8 +15,11 @@ from posttrain.scoring import score
 __all__ = ["accuracy", "correctness"]
 
 
-def correctness(completions: Sequence[Any], columns: dict[str, Any]) -> list[bool | None]:
-    """Per completion: True/False, or None when no gold can be read (the sample is skipped).
+def correctness(completions: Sequence[Any], columns: dict[str, Any],
+                last_number: bool = False) -> list[bool | None]:
+    """Per completion: True/False, or None when the gold is missing or unscorable (the sample is
+    skipped). `last_number`: also accept a bare last number as the answer (off by default: in RL
+    it pays for a number that merely appears last).
 
     Synthetic tasks (`task` + `meta` columns) use their own checker; anything else compares
     with math-verify against the `answer` column, else the `solution` column (bare, LaTeX,
@@ -29,17 +32,22 @@ def correctness(completions: Sequence[Any], columns: dict[str, Any]) -> list[boo
             gold = column(columns, "solution", i)
         task, meta = column(columns, "task", i), column(columns, "meta", i)
         try:
-            out.append(score(text, None if gold is None else str(gold), task=task, meta=meta))
+            out.append(score(text, None if gold is None else str(gold), task=task, meta=meta,
+                             last_number=last_number))
         except (ValueError, TypeError, KeyError):
             # A malformed `meta` row is a data problem, not a wrong answer: skip the sample.
             out.append(None)
     return out
 
 
-def accuracy(completions: Sequence[Any], **columns: Any) -> list[float | None]:
-    """1.0 if the final answer is right, 0.0 if wrong, None if the gold cannot be parsed.
+def accuracy(completions: Sequence[Any], *, last_number: bool = False,
+             **columns: Any) -> list[float | None]:
+    """1.0 if the final answer is right, 0.0 if wrong, None if the gold is unscorable.
 
-    The answer is read from `<answer>…</answer>`, else `\\boxed{}`, else a final-answer phrase,
-    else the last number (see `posttrain.scoring.extract_answer`).
+    The answer is read after `</think>` from `<answer>…</answer>`, else the last `\\boxed{}`, else
+    a final-answer phrase (see `posttrain.extraction`); with `last_number: true` (reward_kwargs)
+    also from the bare last number, which is off by default because it rewards a number that
+    merely appears last.
     """
-    return [None if ok is None else float(ok) for ok in correctness(completions, columns)]
+    return [None if ok is None else float(ok)
+            for ok in correctness(completions, columns, last_number)]

@@ -1,4 +1,4 @@
-"""Format rewards: the `<think>…</think><answer>…</answer>` shape R1 trains for.
+"""Format rewards: the shape of the recipe's answer format (posttrain.answer_format).
 
 Every regex is `re.DOTALL` (reasoning spans lines), and the opening `<think>` is optional: chat
 templates of reasoning models (and R1-Zero prompts) often end the prompt with `<think>`, so the
@@ -12,8 +12,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.rewards.columns import check_param, texts
-from posttrain.scoring import is_well_formed, think_text
+from posttrain.answer_format import is_well_formed, tag_score
+from posttrain.rewards.columns import check_param, column, texts
+from posttrain.scoring import think_text
 
 __all__ = ["format_reward", "tag_count", "reasoning_steps"]
 
@@ -23,31 +24,31 @@ _STEP_MARKER = re.compile(
     re.MULTILINE | re.IGNORECASE)
 
 
-def format_reward(completions: Sequence[Any], **_: Any) -> list[float]:
-    """1.0 if the completion is `<think>…</think>` then one `<answer>…</answer>` and nothing
-    after it; 0.0 otherwise. The leading `<think>` may be in the prompt."""
-    return [float(is_well_formed(t)) for t in texts(completions)]
+def _formats(columns: dict[str, Any], n: int) -> list[str]:
+    """Each sample's answer format: the `answer_format` column the stage adds, else `tags`."""
+    return [column(columns, "answer_format", i) or "tags" for i in range(n)]
+
+
+def format_reward(completions: Sequence[Any], **columns: Any) -> list[float]:
+    """1.0 if the completion is well formed in its row's answer format (`tags`: `<think>…</think>`
+    then one `<answer>…</answer>` and nothing after it; `boxed`: `<think>…</think>` then a final
+    `\\boxed{}`); 0.0 otherwise. The leading `<think>` may be in the prompt."""
+    items = texts(completions)
+    return [float(is_well_formed(t, f)) for t, f in zip(items, _formats(columns, len(items)))]
 
 
 format_reward.__name__ = "format"  # logged by TRL as rewards/format/mean
 
 
-def _tag_score(text: str) -> float:
-    n_open, n_close = text.count("<think>"), text.count("</think>")
-    # No `<think>` is fine when the template opened it: then exactly one `</think>` is expected.
-    think_open = n_open == 1 or (n_open == 0 and n_close == 1)
-    checks = (think_open, n_close == 1, text.count("<answer>") == 1,
-              text.count("</answer>") == 1)
-    return 0.25 * sum(checks)
-
-
-def tag_count(completions: Sequence[Any], **_: Any) -> list[float]:
-    """0.25 per tag present exactly once (`<think>`, `</think>`, `<answer>`, `</answer>`).
+def tag_count(completions: Sequence[Any], **columns: Any) -> list[float]:
+    """0.25 per format check passed (`tags`: `<think>`, `</think>`, `<answer>`, `</answer>` each
+    exactly once; `boxed`: think opened and closed once, one `\\boxed{}` after it).
 
     A dense, partial-credit version of `format`: R1-Zero starts near 0 format rate, where the
     all-or-nothing reward carries no signal.
     """
-    return [_tag_score(t) for t in texts(completions)]
+    items = texts(completions)
+    return [tag_score(t, f) for t, f in zip(items, _formats(columns, len(items)))]
 
 
 def reasoning_steps(completions: Sequence[Any], *, min_steps: int = 3,

@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from posttrain import dist
 from posttrain.errors import UserError
 from posttrain.rollout.types import Completion, Sampling
 
@@ -77,7 +78,7 @@ def _cache_root(cache: bool | str | Path) -> Path | None:
 
 def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampling: Sampling,
              backend: str = "hf", batch_size: int = 32, progress: bool = True,
-             cache: bool | str | Path = True) -> list[list[Completion]]:
+             cache: bool | str | Path = True, shard: bool = False) -> list[list[Completion]]:
     """`sampling.n` completions per prompt.
 
     Args:
@@ -88,6 +89,9 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
         batch_size: Sequences per HF `generate` call (vLLM schedules its own batches).
         progress: Show a progress bar over prompts.
         cache: True for the default disk cache, a dir for another, False for none.
+        shard: Under `accelerate launch`, split the work across the processes (every one of them
+            must make this call): each generates its share, and all get every result back. The
+            samples equal a single process's (per-batch / per-prompt seeds).
 
     Returns:
         One list of `sampling.n` completions per prompt, in order.
@@ -106,8 +110,13 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
     root = _cache_root(cache)
     fingerprint = model_fingerprint(model_ref, root) if root is not None else None
     store = RolloutCache(root, fingerprint, chosen, sampling) if root is not None else None
+    rank, world = (dist.rank(), dist.world_size()) if shard else (0, 1)
+    if world > 1:
+        dist.barrier()  # every rank reads the cache before any rank writes to it
     results: list[list[Completion] | None] = [store.get(t) if store else None for t in texts]
     todo = [i for i, r in enumerate(results) if r is None]
+    if world > 1:
+        dist.barrier()
     bar = tqdm(total=len(texts), initial=len(texts) - len(todo), unit="prompt", leave=False,
                desc=f"generate ({chosen})", disable=not progress)
 
@@ -120,15 +129,22 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
             bar.update(len(indices))
 
     if todo:
-        sub = [texts[i] for i in todo]
         if chosen == "vllm":
-            _run_vllm(model_ref, tokenizer, sub, sampling, keep, bar)
+            mine = [j for j in range(len(todo)) if j % world == rank]  # per-prompt seeds
+            _run_vllm(model_ref, tokenizer, [texts[todo[j]] for j in mine], sampling,
+                      lambda idx, outs: keep([mine[k] for k in idx], outs), bar)
         else:
             from posttrain.rollout.hf import generate_hf, load_cached
             model, tok = model_ref if isinstance(model_ref, tuple) else \
                 load_cached(model_ref, fingerprint)
-            generate_hf(model, tok, sub, sampling, batch_size=batch_size, on_batch=keep)
+            generate_hf(model, tok, [texts[i] for i in todo], sampling, batch_size=batch_size,
+                        on_batch=keep, shard=(rank, world))
     bar.close()
+    if world > 1:  # every rank gets every rank's share
+        for part in dist.all_gather_object([(i, results[i]) for i in todo
+                                            if results[i] is not None]):
+            for i, comps in part:
+                results[i] = comps
     return results  # type: ignore[return-value]
 
 
@@ -137,6 +153,7 @@ def _run_vllm(model_dir: str, tokenizer, texts: list[str], sampling: Sampling, k
     """Generate with the vLLM worker in chunks (each chunk lands in the cache as it finishes)."""
     import hashlib
 
+    from posttrain.models import saved_generation_config, stop_token_ids
     from posttrain.rollout.hf import decode
     from posttrain.rollout.vllm_backend import generate_vllm
 
@@ -144,7 +161,7 @@ def _run_vllm(model_dir: str, tokenizer, texts: list[str], sampling: Sampling, k
     # One seed per prompt from (seed, prompt): a prompt's samples do not depend on its batch.
     seeds = [int(hashlib.sha256(f"{sampling.seed}\x00{t}".encode()).hexdigest()[:8], 16)
              for t in texts]
-    stop = [tokenizer.eos_token_id]
+    stop = stop_token_ids(saved_generation_config(model_dir), tokenizer)
     greedy = sampling.temperature <= 0
     # vLLM refuses n > 1 for greedy decoding: decode once and repeat, as the HF backend does.
     asked = dataclasses.replace(sampling, n=1) if greedy else sampling
@@ -152,5 +169,5 @@ def _run_vllm(model_dir: str, tokenizer, texts: list[str], sampling: Sampling, k
         part = range(start, min(len(texts), start + chunk))
         outs = generate_vllm(model_dir, [ids[i] for i in part], [seeds[i] for i in part],
                              asked, stop, bar)
-        keep(list(part), [[decode(tokenizer, tok_ids, reason) for tok_ids, reason in group]
+        keep(list(part), [[decode(tokenizer, tok_ids, reason, stop) for tok_ids, reason in group]
                           * (sampling.n if greedy else 1) for group in outs])

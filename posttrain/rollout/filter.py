@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.answer_format import is_well_formed
 from posttrain.rollout.types import Completion
-from posttrain.scoring import extract_answer, is_well_formed, score, think_text
+from posttrain.scoring import score, think_text
 from posttrain.tasks import TASKS
 from posttrain.tasks.base import load_meta
 
@@ -33,9 +34,8 @@ class FilterConfig:
 
     Attributes:
         check_steps: Also verify each step of the `<think>` trace where the task can.
-        require_tags: Well formed means `<think>…</think><answer>…</answer>`; false: a closed
-            `</think>` and an extractable final answer (e.g. `\\boxed{}`), for teachers such as
-            R1-style models that do not use answer tags.
+        answer_format: What well formed means (posttrain.answer_format): `tags`, or `boxed`
+            for R1-style models (`</think>`, then a final `\\boxed{}`).
         max_tokens: Length cap on a kept completion (tokens, EOS included); null for none.
         max_per_prompt: Keep at most this many distinct samples per prompt (null: all), so easy
             prompts do not crowd out hard ones.
@@ -46,7 +46,7 @@ class FilterConfig:
     """
 
     check_steps: bool = True
-    require_tags: bool = True
+    answer_format: str = "tags"
     max_tokens: int | None = None
     max_per_prompt: int | None = None
     repetition_ngram: int = 4
@@ -108,8 +108,7 @@ def rejection_reason(c: Completion, row: dict[str, Any], cfg: FilterConfig) -> s
         return "truncated"
     if cfg.max_tokens is not None and c.tokens > cfg.max_tokens:
         return "too_long"
-    if not (is_well_formed(c.text) if cfg.require_tags else
-            "</think>" in c.text and extract_answer(c.text.split("</think>")[-1]) is not None):
+    if not is_well_formed(c.text, cfg.answer_format):
         return "format"
     task, meta = row.get("task"), row.get("meta")
     if not score(c.text, row.get("answer"), task, meta):

@@ -37,19 +37,28 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def decode(tokenizer, ids: list[int], finish_reason: str | None = None) -> Completion:
-    """One completion from generated ids: cut at EOS, drop padding, count the EOS as a token."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    stop = eos in ids or finish_reason == "stop"
-    ids = ids[:ids.index(eos)] if eos in ids else [t for t in ids if t != pad]
+def decode(tokenizer, ids: list[int], finish_reason: str | None = None,
+           stop_ids: list[int] | None = None) -> Completion:
+    """One completion from generated ids: cut at the first stop id (every EOS id of the model;
+    default: the tokenizer's EOS), drop padding, count the stop token as a token."""
+    stops = set(stop_ids or [tokenizer.eos_token_id])
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    stop = cut is not None or finish_reason == "stop"
+    pad = tokenizer.pad_token_id
+    ids = ids[:cut] if cut is not None else [t for t in ids if t != pad]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return Completion(text, len(ids) + int(stop), "stop" if stop else (finish_reason or "length"))
 
 
 def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_size: int = 32,
                 on_batch: Callable[[list[int], list[list[Completion]]], None] | None = None,
-                ) -> list[list[Completion]]:
+                shard: tuple[int, int] = (0, 1)) -> list[list[Completion] | None]:
     """`sampling.n` completions for each rendered prompt text.
+
+    Each batch is seeded from (seed, batch index), so a batch's samples do not depend on which
+    process generates it: with `shard=(rank, world)` a process generates batches rank, rank +
+    world, ... of the same global batching (the others stay None), and the union over ranks
+    equals what one process generates.
 
     Args:
         model: A causal LM.
@@ -59,8 +68,11 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
         batch_size: Sequences per `generate` call; whole prompts (all n samples) per batch.
         on_batch: Called with (prompt indices, their completions) after each batch — the disk
             cache writes through it, so an interrupted run keeps what it finished.
+        shard: (rank, world size): which batches this process generates.
     """
     import torch
+
+    from posttrain.models import stop_token_ids
 
     model.eval()
     device = next(model.parameters()).device
@@ -68,18 +80,22 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
     greedy = sampling.temperature <= 0
     reps = 1 if greedy else sampling.n
     per_batch = max(1, batch_size // reps)
+    stops = stop_token_ids(model.generation_config, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-                      num_return_sequences=reps, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+                      num_return_sequences=reps, pad_token_id=pad, eos_token_id=stops)
     if not greedy:
         gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     results: list[list[Completion] | None] = [None] * len(texts)
     devices = [device] if device.type == "cuda" else []
+    rank, world = shard
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(sampling.seed)
-        for start in range(0, len(order), per_batch):
+        for b, start in enumerate(range(0, len(order), per_batch)):
+            if b % world != rank:
+                continue
+            torch.manual_seed(sampling.seed * 1_000_003 + b)
             idx = order[start:start + per_batch]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
@@ -88,7 +104,8 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
             new = out[:, enc["input_ids"].shape[1]:].tolist()
             done = []
             for j, i in enumerate(idx):
-                samples = [decode(tokenizer, new[j * reps + r]) for r in range(reps)]
+                samples = [decode(tokenizer, new[j * reps + r], stop_ids=stops)
+                           for r in range(reps)]
                 # Greedy decoding gives the same answer n times: repeat instead of recomputing.
                 results[i] = samples * (sampling.n if greedy else 1)
                 done.append(results[i])

@@ -15,7 +15,8 @@ import dataclasses
 import random
 from typing import Any, ClassVar
 
-from posttrain.data import format_completion, prompt_messages, task_rows
+from posttrain.answer_format import completion
+from posttrain.data import prompt_messages, task_rows
 from posttrain.errors import UserError
 from posttrain.models import TINY_CONFIGS, build_tiny_model, count_params, train_tokenizer
 from posttrain.recipe import Recipe as BaseRecipe
@@ -92,7 +93,7 @@ def pretrain_texts(recipe: Recipe, tokenizer=None) -> list[str]:
             draw = rng.random()
             if tokenizer is not None and draw < recipe.tagged_fraction + recipe.chat_fraction:
                 tagged = draw < recipe.tagged_fraction
-                reply = format_completion(row["trace"], row["answer"]) if tagged else row["answer"]
+                reply = completion(row["trace"], row["answer"]) if tagged else row["answer"]
                 msgs = prompt_messages(row["prompt"], recipe.system_prompt) + [
                     {"role": "assistant", "content": reply}]
                 texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
@@ -109,7 +110,7 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTTrainer
 
     tok_dir = ctx.stage_dir / "tokenizer"
-    corpus = pretrain_texts(recipe) + [format_completion("", "")] * 10
+    corpus = pretrain_texts(recipe) + [completion("", "")] * 10
     if recipe.system_prompt:
         corpus += [recipe.system_prompt] * 50
     tokenizer = train_tokenizer(corpus, tok_dir, vocab_size=recipe.vocab_size)

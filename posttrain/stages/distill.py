@@ -42,12 +42,13 @@ from posttrain.stages.sampling import (
     sample_verified,
     write_dataset,
 )
+from posttrain.stages.sft_data import OverlongFields, fit_to_length, to_prompt_completion
 
 TEACHER_KINDS = ("grpo", "dpo")
 
 
 @dataclasses.dataclass
-class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
+class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRecipe):
     """Distillation recipe: the prompt, sampling and filter fields of rejection sampling, the
     teacher, the student, and TRL SFTConfig fields for the student's training.
 
@@ -73,6 +74,7 @@ class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
     def validate(self) -> None:
         super().validate()
         self.check_sampling()
+        self.check_overlong()
         positive(self, "max_tokens", "max_per_prompt")
         if bool(self.student) == bool(self.init_from):
             raise UserError("distill: give exactly one of student (tiny:qwen2, tiny:llama: a "
@@ -123,15 +125,8 @@ def build_student(recipe: Recipe, ctx: StageContext):
     return model, tokenizer
 
 
-def to_prompt_completion(kept: list[dict[str, Any]]):
-    """Kept samples as TRL's conversational prompt/completion rows (loss on the completion only;
-    unlike `assistant_only_loss`, this needs no generation markers in the student's template)."""
-    import datasets
-    return datasets.Dataset.from_list([{"prompt": r["messages"][:-1],
-                                        "completion": r["messages"][-1:]} for r in kept])
-
-
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
+    import datasets
     from trl import SFTTrainer
 
     from posttrain.models import count_params
@@ -147,11 +142,14 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     model, tokenizer = build_student(recipe, ctx)
     model = prepare_model(model, recipe)
     tokenizer.padding_side = "right"
-    trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=to_prompt_completion(kept),
+    # Loss on the teacher's completion only: no generation markers needed in the student's template.
+    train = to_prompt_completion(datasets.Dataset.from_list(kept).select_columns(["messages"]))
+    train, lengths = fit_to_length(train, tokenizer, ctx.plan.args.max_length, recipe.overlong)
+    trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
                          processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx))
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     tokenizer.padding_side = "left"
     save_final(trainer.model, tokenizer, ctx)
     return {"teacher": teacher["from"], "train_loss": out.training_loss,
-            "student_params": count_params(trainer.model), "train_samples": len(kept),
-            "teacher_data": figures}
+            "student_params": count_params(trainer.model), "train_samples": len(train),
+            "teacher_data": figures, **lengths}

@@ -98,19 +98,21 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
 
 def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[list[Any]]]:
     """Prompts and the init model's verifier-scored samples for them."""
+    from posttrain.answer_format import is_well_formed
     from posttrain.preference import Scored
     from posttrain.rollout import generate
-    from posttrain.scoring import is_well_formed, score
+    from posttrain.scoring import score
 
     rows = list(load_prompts(recipe))
     outs = generate(ctx.init_path, [r["prompt"] for r in rows], recipe.sampling(),
-                    backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size)
+                    backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size,
+                    shard=True)
     samples = []
     for row, comps in zip(rows, outs):
         gold = row.get("answer", row.get("solution"))
         samples.append([Scored(c.text, c.tokens, bool(score(c.text, gold, row.get("task"),
                                                             row.get("meta"))),
-                               is_well_formed(c.text) and c.finish_reason == "stop")
+                               is_well_formed(c.text, recipe.answer_format) and c.finish_reason == "stop")
                         for c in comps])
     return [r["prompt"] for r in rows], samples
 
@@ -119,6 +121,7 @@ def preference_data(recipe: Recipe, ctx: StageContext):
     """The pairs to train on, written to pairs.jsonl (reused when resuming the same recipe)."""
     import datasets
 
+    from posttrain.dist import is_main_process
     from posttrain.manifest import atomic_write_json, atomic_write_text
     from posttrain.preference import build_pairs, to_preference
 
@@ -130,12 +133,12 @@ def preference_data(recipe: Recipe, ctx: StageContext):
     elif recipe.train_data:
         from posttrain.data import load_sources
         ds = to_preference(load_sources(recipe.train_data, recipe.seed, "train_data"),
-                           recipe.system_prompt)
+                           recipe.system_prompt, recipe.answer_format)
         rows, stats = list(ds), {"pairs": len(ds), "source": "train_data"}
     else:
         prompts, samples = scored_samples(recipe, ctx)
         rows, stats = build_pairs(prompts, samples, recipe.pairs_per_prompt)
-    if not reuse:
+    if not reuse and is_main_process():
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_json(stats_path, stats)
     print(f"[posttrain] dpo pairs: {json.dumps(stats)}")

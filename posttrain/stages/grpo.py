@@ -92,7 +92,9 @@ def build_prompts(recipe: Recipe):
     from posttrain.stages.sampling import load_prompts
     ds = load_prompts(recipe)
     # Cold-start columns the rewards never read would only be carried around.
-    return ds.remove_columns([c for c in ("trace",) if c in ds.column_names])
+    ds = ds.remove_columns([c for c in ("trace", "answer_format") if c in ds.column_names])
+    # The format rewards read each row's answer format (posttrain.answer_format).
+    return ds.add_column("answer_format", [recipe.answer_format] * len(ds))
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:

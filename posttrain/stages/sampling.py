@@ -80,18 +80,15 @@ class FilterFields:
         max_tokens: Length cap on a kept sample (tokens); null: only `max_new_tokens` applies.
         max_per_prompt: Most distinct samples kept per prompt (null: all).
         check_steps: Check each reasoning step where the task can (not only the final answer).
-        require_tags: Well formed = `<think>…</think><answer>…</answer>`; false: a closed
-            `</think>` and an extractable final answer (`\\boxed{}`), as R1-style models write.
     """
 
     max_tokens: int | None = None
     max_per_prompt: int | None = 4
     check_steps: bool = True
-    require_tags: bool = True
 
     def filter_config(self):
         from posttrain.rollout.filter import FilterConfig
-        return FilterConfig(check_steps=self.check_steps, require_tags=self.require_tags,
+        return FilterConfig(check_steps=self.check_steps, answer_format=self.answer_format,
                             max_tokens=self.max_tokens, max_per_prompt=self.max_per_prompt)
 
 
@@ -99,7 +96,7 @@ def load_prompts(recipe) -> Any:
     """The recipe's prompt set as chat prompts with their gold columns."""
     from posttrain.data import load_prompt_rows
     return load_prompt_rows(recipe.prompt_data, recipe.prompt_column, recipe.system_prompt,
-                            recipe.seed)
+                            recipe.seed, recipe.answer_format)
 
 
 def check_prompts(recipe) -> None:
@@ -119,8 +116,10 @@ def sample_verified(model_ref: str, recipe) -> tuple[list[dict[str, Any]], Any]:
     ds = load_prompts(recipe)
     rows = [{"messages": r["prompt"], "answer": r.get("answer", r.get("solution")),
              "task": r.get("task"), "meta": r.get("meta")} for r in ds]
+    # Under `accelerate launch` each process samples its share; all get every sample back.
     outs = generate(model_ref, [r["messages"] for r in rows], recipe.sampling(),
-                    backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size)
+                    backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size,
+                    shard=True)
     return filter_samples(rows, outs, recipe.filter_config())
 
 
@@ -129,13 +128,17 @@ def write_dataset(out_dir: Path, kept: list[dict[str, Any]], stats: dict[str, An
     """`train.jsonl`, an HF `datasets` copy (`hf/`), `stats.json` (and the plan), swapped in whole.
 
     Written to a temp dir first and renamed into place, so a reader (or a resumed run) sees the
-    old dataset or the new one, never a mix.
+    old dataset or the new one, never a mix. Only the main process writes (the others return).
     """
     import datasets
+
+    from posttrain.dist import is_main_process
 
     if not kept:
         raise UserError("no sample passed the filter: nothing to train on; check the model's "
                         "eval figures, or raise samples_per_prompt / temperature / max_new_tokens")
+    if not is_main_process():
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

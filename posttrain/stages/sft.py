@@ -26,11 +26,16 @@ from posttrain.stages.common import (
     stage_callbacks,
 )
 from posttrain.stages.lora import LoraFields, lora_config, merge_lora
+from posttrain.stages.sft_data import OverlongFields, fit_to_length, to_prompt_completion
 
 
 @dataclasses.dataclass
-class Recipe(LoraFields, BaseRecipe):
-    """SFT recipe: the LoRA fields of `LoraFields`, and the data.
+class Recipe(OverlongFields, LoraFields, BaseRecipe):
+    """SFT recipe: the LoRA fields of `LoraFields`, `overlong` (`OverlongFields`), and the data.
+
+    The loss is on the final assistant turn, for any chat template (posttrain.stages.sft_data);
+    `assistant_only_loss: true` trains on every assistant turn of templates with
+    `{% generation %}` markers.
 
     Attributes:
         train_data: Dataset specs (task / path / hub); files need a `messages` column, or
@@ -43,13 +48,14 @@ class Recipe(LoraFields, BaseRecipe):
     TRAINER_CONFIG: ClassVar[str] = "trl.SFTConfig"
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
         max_steps=300, learning_rate=1e-3, per_device_train_batch_size=16,
-        lr_scheduler_type="cosine", warmup_steps=10, max_length=512, assistant_only_loss=True)
+        lr_scheduler_type="cosine", warmup_steps=10, max_length=512)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "train_data")
 
     def validate(self) -> None:
         super().validate()
         positive(self, "max_steps", "learning_rate", "per_device_train_batch_size",
                  "num_train_epochs", "lora_r")
+        self.check_overlong()
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
@@ -57,9 +63,21 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
         check_spec(spec, f"train_data[{i}]")
     # Load the data once now (datasets caches it): a missing column or an empty file must stop
     # the stage before it is recorded as started.
-    to_sft(load_sources(recipe.train_data, recipe.seed, "train_data"), recipe.system_prompt)
     from posttrain.models import load_tokenizer
-    load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail before starting
+    train_rows(recipe, ctx.plan.args)
+    tokenizer = load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail now
+    if ctx.plan.args.assistant_only_loss and "{% generation %}" not in \
+            (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}"):
+        raise UserError(f"assistant_only_loss: true needs {{% generation %}} markers in the chat "
+                        f"template, and {ctx.init_path}'s has none; drop assistant_only_loss "
+                        f"(the loss is then on the final assistant turn, for any template)")
+
+
+def train_rows(recipe: Recipe, args):
+    """The training rows: chat `messages`, as prompt/completion unless `assistant_only_loss`."""
+    rows = to_sft(load_sources(recipe.train_data, recipe.seed, "train_data"),
+                  recipe.system_prompt, recipe.answer_format)
+    return rows if args.assistant_only_loss else to_prompt_completion(rows)
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
@@ -70,8 +88,8 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(ctx.init_path)
     tokenizer.padding_side = "right"
     model = prepare_model(load_model(ctx.init_path), recipe)
-    train = to_sft(load_sources(recipe.train_data, recipe.seed, "train_data"),
-                   recipe.system_prompt)
+    train, lengths = fit_to_length(train_rows(recipe, ctx.plan.args), tokenizer,
+                                   ctx.plan.args.max_length, recipe.overlong)
     try:
         trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
                              processing_class=tokenizer, peft_config=lora_config(recipe),
@@ -82,4 +100,4 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     model = merge_lora(trainer.model, recipe)
     tokenizer.padding_side = "left"
     save_final(model, tokenizer, ctx)
-    return {"train_loss": out.training_loss, "train_samples": len(train)}
+    return {"train_loss": out.training_loss, "train_samples": len(train), **lengths}

@@ -1,0 +1,197 @@
+"""Real tokenizers, real chat templates, the full-size recipes: the path a user takes with a hub
+model, on CPU.
+
+`posttrain init-model` builds a tiny random-weight model of the real architecture around the real
+Qwen2.5 / Llama-3.2 tokenizer in ../shared/tokenizers; every recipe under recipes/qwen2.5-1.5b/
+and recipes/llama-3.2-1b/ then runs through the CLI — sft → grpo → rejection → dpo → distill →
+eval — changed only by overrides that shrink steps, lengths, batch sizes and data (small local
+files in the exact format of the hub sets the recipes name), that turn off what needs a GPU
+(bf16, colocated vLLM), and one that is not a shrink: the cold start's learning rate, so that
+random weights learn R1's format in a few dozen steps and the data stages have verified samples
+to keep.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.answer_format import is_well_formed
+from posttrain.cli import main as cli_main
+from posttrain.manifest import Manifest
+from posttrain.rewards import REWARDS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
+FAMILIES = {"qwen2.5-1.5b": ("qwen2", "qwen2.5-instruct"),
+            "llama-3.2-1b": ("llama", "llama-3.2-instruct")}
+# Two questions with different answers: a model that learned the format still has to get the
+# answer right, so samples differ in correctness (pairs for DPO, filtering for rejection).
+QUESTIONS = [("What is 1 plus 1?", "2"), ("What is 2 plus 1?", "3")]
+
+
+def _flow(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+
+def _need(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (the shared tokenizers sit beside the checkout)")
+    return path
+
+
+def _trace(question: str, answer: str) -> str:
+    return f"<think>\n{answer}\n</think>\n\n$\\boxed{{{answer}}}$"
+
+
+def hub_format_files(root: Path) -> dict[str, Path]:
+    """Local files shaped like the hub sets the recipes name: OpenR1-Math-220k (default config)
+    and trl-lib/DeepMath-103K."""
+    root.mkdir(parents=True, exist_ok=True)
+    openr1, deepmath = root / "openr1.jsonl", root / "deepmath.jsonl"
+    rows = [q for q in QUESTIONS for _ in range(8)]
+    openr1.write_text("".join(json.dumps({
+        "problem": q, "solution": f"{q[8:-1]} = {a}. $\\boxed{{{a}}}$", "answer": a,
+        "problem_type": "Algebra", "question_type": "math-word-problem", "source": "smoke",
+        "uuid": f"{i:04d}", "is_reasoning_complete": [True], "generations": [_trace(q, a)],
+        "correctness_math_verify": [True], "correctness_llama": None, "finish_reasons": None,
+        "correctness_count": 1,
+        "messages": [{"content": q, "role": "user"}, {"content": _trace(q, a), "role": "assistant"}],
+    }) + "\n" for i, (q, a) in enumerate(rows)))
+    deepmath.write_text("".join(json.dumps({"prompt": [{"content": q, "role": "user"}],
+                                            "solution": a}) + "\n" for q, a in rows))
+    return {"openr1": openr1, "deepmath": deepmath}
+
+
+def _suite(path: Path) -> Path:
+    """GSM8K from $POSTTRAIN_DATA_DIR (R1 prompting), a few prompts, short budget."""
+    path.write_text(yaml.safe_dump({
+        "name": "smoke", "answer_format": "boxed", "n": 2, "k": 2, "temperature": 0.6,
+        "top_p": 0.95, "max_new_tokens": 16, "backend": "hf",
+        "tasks": [{"name": "gsm8k", "path": "gsm8k/test.jsonl", "hub": "openai/gsm8k",
+                   "config": "main", "split": "test", "problem_field": "question",
+                   "answer_field": "answer", "n_prompts": 4}]}))
+    return path
+
+
+def _cli(*argv: str) -> None:
+    assert cli_main([str(a) for a in argv]) == 0, argv
+
+
+def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
+    """Per stage: the overrides (steps, lengths, batch, data; GPU-only settings off)."""
+    common = {"bf16": "false", "save_steps": "1000", "logging_steps": "1",
+              "eval_suite": str(suite), "gradient_accumulation_steps": "1"}
+    # Sampled cooler than the recipes' 0.6-0.8: a few dozen steps leave the model unsure.
+    sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
+              "samples_per_prompt": "8", "temperature": "0.3"}
+    openr1 = _flow([{"path": str(files["openr1"])}])
+    return {
+        "sft": {**common, "train_data": openr1, "max_steps": "40", "learning_rate": "0.01",
+                "per_device_train_batch_size": "4", "max_length": "128", "dataset_num_proc": "null",
+                "warmup_steps": "0", "num_train_epochs": "1"},
+        "grpo": {**common, "prompt_data": openr1, "use_vllm": "false", "max_steps": "1",
+                 "per_device_train_batch_size": "4", "num_generations": "4",
+                 "max_completion_length": "24", "log_completions": "false"},
+        "rejection": {"prompt_data": openr1, **sample},
+        "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"])}]), **sample,
+                "max_steps": "1", "per_device_train_batch_size": "2",
+                "max_length": "128", "precompute_ref_batch_size": "2"},
+        "distill": {**common, "teacher": "grpo", "prompt_data": openr1, **sample,
+                    "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
+    arch, tok_name = FAMILIES[family]
+    tokenizer = _need(TOKENIZERS / tok_name)
+    init = tmp_path / "init"
+    _cli("init-model", "--arch", arch, "--tokenizer", tokenizer, "--out", init,
+         "--hidden_size", "32", "--intermediate_size", "64", "--num_attention_heads", "1",
+         "--num_key_value_heads", "1", "--num_hidden_layers", "2")
+    files = hub_format_files(tmp_path / "data")
+    over = shrink(files, _suite(tmp_path / "suite.yaml"))
+    run = f"real-{arch}"
+    recipes = ROOT / "recipes" / family
+
+    def stage(kind: str, recipe: str, **extra: str) -> dict:
+        args = {**over[kind], **extra}
+        _cli(kind, recipes / recipe, "--run", run,
+             *[x for k, v in args.items() for x in (f"--{k}", v)])
+        return Manifest(run).stage(yaml.safe_load((recipes / recipe).read_text())
+                                   .get("name", kind))
+
+    sft = stage("sft", "sft.yaml", init_from=str(init))
+    assert sft["status"] == "done" and sft["plan"]["recipe"]["answer_format"] == "boxed"
+    assert sft["plan"]["recipe"]["system_prompt"] is None  # R1 prompting: no system turn
+    assert "smoke" in sft["eval"]
+    grpo = stage("grpo", "grpo.yaml")
+    assert grpo["status"] == "done" and grpo["plan"]["refs"]["init"]["stage"] == "sft"
+    rejection = stage("rejection", "rejection.yaml")
+    assert rejection["metrics"]["n_kept"] > 0
+    kept = [json.loads(line) for line in
+            (Path(rejection["output_dir"]) / "train.jsonl").read_text().splitlines()]
+    assert all(is_well_formed(r["messages"][-1]["content"], "boxed") for r in kept)
+    assert kept[0]["messages"][0]["content"].endswith("within \\boxed{}.")  # R1's instruction
+    dpo = stage("dpo", "dpo.yaml")
+    assert dpo["status"] == "done" and dpo["metrics"]["pairs"] > 0
+    distill = stage("distill", "distill.yaml", init_from=str(init))
+    assert distill["status"] == "done" and distill["plan"]["refs"]["teacher"]["stage"] == "grpo"
+    name = distill["plan"]["name"]
+    _cli("eval", "--run", run, "--stage", name, "--suite", tmp_path / "suite.yaml")
+    figures = Manifest(run).stage(name)["eval"]["smoke"]["gsm8k"]
+    assert figures["n_prompts"] == 4 and 0 <= figures["pass@1"] <= 1
+
+
+R1_TEMPLATE = (  # as DeepSeek-R1-Distill templates do: the generation prompt opens the think block
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+
+
+def test_template_that_opens_think_gets_full_rewards():
+    """A completion that starts inside the template-opened think block is well formed and right."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(_need(TOKENIZERS / "qwen2.5-instruct"))
+    tok.chat_template = R1_TEMPLATE
+    from posttrain.data import prompt_messages
+    from posttrain.rollout import render_prompt
+    prompt = render_prompt(tok, prompt_messages("What is 2 plus 3?", None, "boxed"))
+    assert prompt.endswith("<think>\n") and "\\boxed{}" in prompt
+    completion = "2 plus 3 is 5.\n</think>\n\nThe answer is $\\boxed{5}$."
+    cols = {"answer": ["5"], "answer_format": ["boxed"]}
+    assert REWARDS["format"]([completion], **cols) == [1.0]
+    assert REWARDS["tag_count"]([completion], **cols) == [1.0]
+    assert REWARDS["accuracy"]([completion], **cols) == [1.0]
+    assert REWARDS["format"](["2 plus 3 is 5.\n</think>\n\nThe answer is 5."], **cols) == [0.0]
+
+
+@pytest.mark.parametrize("tok_name", ["qwen2.5-instruct", "llama-3.2-instruct"])
+def test_generation_stops_on_every_eos_of_the_model(tok_name, tmp_path):
+    """Llama-3 stops on three ids (generation_config.json) and has no pad token; both backends
+    cut a completion at any of them."""
+    from posttrain.models import (
+        init_model,
+        load_model,
+        load_tokenizer,
+        saved_generation_config,
+        stop_token_ids,
+    )
+    from posttrain.rollout.hf import decode
+    out = init_model("llama" if "llama" in tok_name else "qwen2", _need(TOKENIZERS / tok_name),
+                     tmp_path / "m", num_hidden_layers=1)
+    tok = load_tokenizer(out)
+    assert tok.pad_token_id is not None  # falls back to EOS where the tokenizer has none
+    stops = stop_token_ids(saved_generation_config(out), tok)
+    assert stops == stop_token_ids(load_model(out).generation_config, tok)
+    if "llama" in tok_name:
+        assert set(stops) == {128001, 128008, 128009}
+    hello = tok("hello", add_special_tokens=False)["input_ids"]
+    for stop in stops:
+        c = decode(tok, [*hello, stop, *hello], stop_ids=stops)
+        assert c.text == "hello" and c.finish_reason == "stop" and c.tokens == len(hello) + 1
