@@ -162,9 +162,16 @@ def prompt_messages(prompt: str, system_prompt: str | None,
 
 
 def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: str = "train_data"):
-    """Rows with a `messages` column: task rows become prompt + CoT assistant turn."""
+    """Rows with a `messages` column: task rows become prompt + CoT assistant turn.
+
+    Chat datasets are kept as they are, except that in the `boxed` format the last user turn gets
+    R1's instruction (as in every RL, sampling and eval prompt), so the model trains on the
+    prompts it will see.
+    """
     if "messages" in ds.column_names:
-        return ds.select_columns(["messages"])
+        ds = ds.select_columns(["messages"])
+        return ds.map(lambda row: {"messages": instruct(row["messages"], answer_format)}) \
+            if answer_format == "boxed" else ds
     if {"prompt", "trace", "answer"} <= set(ds.column_names):
         def convert(row):
             return {"messages": prompt_messages(row["prompt"], system_prompt, answer_format) + [
@@ -203,10 +210,14 @@ def to_prompts(ds, system_prompt: str | None, answer_format: str = "tags",
         return ds.map(lambda row: {"prompt": prompt_messages(row["prompt"], system_prompt,
                                                              answer_format)})
 
-    def instruct(row):  # chat prompts (e.g. trl-lib sets) get the format's user-turn instruction
-        msgs = [dict(m) for m in row["prompt"]]
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
-        if last is not None:
-            msgs[last]["content"] = fmt.user_turn(msgs[last]["content"], answer_format)
-        return {"prompt": msgs}
-    return ds.map(instruct)
+    # Chat prompts (e.g. trl-lib sets) get the format's user-turn instruction.
+    return ds.map(lambda row: {"prompt": instruct(row["prompt"], answer_format)})
+
+
+def instruct(messages: list[dict[str, Any]], answer_format: str) -> list[dict[str, Any]]:
+    """Chat messages with the answer format's instruction in the last user turn."""
+    msgs = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last is not None:
+        msgs[last]["content"] = fmt.user_turn(msgs[last]["content"], answer_format)
+    return msgs

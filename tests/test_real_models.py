@@ -6,7 +6,7 @@ Qwen2.5 / Llama-3.2 tokenizer in ../shared/tokenizers; every recipe under recipe
 and recipes/llama-3.2-1b/ then runs through the CLI — sft → grpo → rejection → dpo → distill →
 eval — changed only by overrides that shrink steps, lengths, batch sizes and data (small local
 files in the exact format of the hub sets the recipes name), that turn off what needs a GPU
-(bf16, colocated vLLM), and one that is not a shrink: the cold start's learning rate, so that
+(bf16, colocated vLLM, padding-free packing), and one that is not a shrink: the cold start's learning rate, so that
 random weights learn R1's format in a few dozen steps and the data stages have verified samples
 to keep.
 """
@@ -14,6 +14,7 @@ to keep.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
 FAMILIES = {"qwen2.5-1.5b": ("qwen2", "qwen2.5-instruct"),
             "llama-3.2-1b": ("llama", "llama-3.2-instruct")}
-# Two questions with different answers: a model that learned the format still has to get the
-# answer right, so samples differ in correctness (pairs for DPO, filtering for rejection).
-QUESTIONS = [("What is 1 plus 1?", "2"), ("What is 2 plus 1?", "3")]
+# One question: a random-weight model can learn its R1-format answer in a few dozen steps, so
+# the data stages have verified samples to keep (and, sampled hot, wrong ones to pair against).
+QUESTIONS = [("What is 1 plus 1?", "2")]
 
 
 def _flow(value) -> str:
@@ -73,7 +74,7 @@ def _suite(path: Path) -> Path:
         "top_p": 0.95, "max_new_tokens": 16, "backend": "hf",
         "tasks": [{"name": "gsm8k", "path": "gsm8k/test.jsonl", "hub": "openai/gsm8k",
                    "config": "main", "split": "test", "problem_field": "question",
-                   "answer_field": "answer", "n_prompts": 4}]}))
+                   "answer_field": "answer", "n_prompts": 2}]}))
     return path
 
 
@@ -85,22 +86,27 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
     """Per stage: the overrides (steps, lengths, batch, data; GPU-only settings off)."""
     common = {"bf16": "false", "save_steps": "1000", "logging_steps": "1",
               "eval_suite": str(suite), "gradient_accumulation_steps": "1"}
+    # Padding-free packing needs flash-attention kernels (GPU); on CPU it mixes examples.
+    unpacked = {"packing": "false"}
     # Sampled cooler than the recipes' 0.6-0.8: a few dozen steps leave the model unsure.
     sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
               "samples_per_prompt": "8", "temperature": "0.3"}
     openr1 = _flow([{"path": str(files["openr1"])}])
+    prompts = _flow([{"path": str(files["openr1"]), "n": 4}])  # the sampling stages: 4 prompts
     return {
-        "sft": {**common, "train_data": openr1, "max_steps": "40", "learning_rate": "0.01",
-                "per_device_train_batch_size": "4", "max_length": "128", "dataset_num_proc": "null",
-                "warmup_steps": "0", "num_train_epochs": "1"},
+        "sft": {**common, **unpacked, "train_data": openr1, "max_steps": "40", "learning_rate": "0.01",
+                "lr_scheduler_type": "constant", "per_device_train_batch_size": "4",
+                "max_length": "128", "dataset_num_proc": "null", "warmup_steps": "0",
+                "num_train_epochs": "1"},
         "grpo": {**common, "prompt_data": openr1, "use_vllm": "false", "max_steps": "1",
                  "per_device_train_batch_size": "4", "num_generations": "4",
                  "max_completion_length": "24", "log_completions": "false"},
-        "rejection": {"prompt_data": openr1, **sample},
-        "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"])}]), **sample,
-                "max_steps": "1", "per_device_train_batch_size": "2",
+        "rejection": {"prompt_data": prompts, **sample},
+        "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"]), "n": 4}]),
+                **{k: v for k, v in sample.items() if k != "max_tokens"},
+                "temperature": "1.0", "max_steps": "1", "per_device_train_batch_size": "2",
                 "max_length": "128", "precompute_ref_batch_size": "2"},
-        "distill": {**common, "teacher": "grpo", "prompt_data": openr1, **sample,
+        "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,
                     "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},
     }
 
@@ -112,8 +118,7 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
     tokenizer = _need(TOKENIZERS / tok_name)
     init = tmp_path / "init"
     _cli("init-model", "--arch", arch, "--tokenizer", tokenizer, "--out", init,
-         "--hidden_size", "32", "--intermediate_size", "64", "--num_attention_heads", "1",
-         "--num_key_value_heads", "1", "--num_hidden_layers", "2")
+         "--num_attention_heads", "2", "--num_key_value_heads", "1", "--num_hidden_layers", "2")
     files = hub_format_files(tmp_path / "data")
     over = shrink(files, _suite(tmp_path / "suite.yaml"))
     run = f"real-{arch}"
@@ -121,8 +126,10 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
 
     def stage(kind: str, recipe: str, **extra: str) -> dict:
         args = {**over[kind], **extra}
+        t = time.time()
         _cli(kind, recipes / recipe, "--run", run,
              *[x for k, v in args.items() for x in (f"--{k}", v)])
+        print(f"\n{family} {kind}: {time.time() - t:.0f}s")
         return Manifest(run).stage(yaml.safe_load((recipes / recipe).read_text())
                                    .get("name", kind))
 
@@ -145,7 +152,7 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
     name = distill["plan"]["name"]
     _cli("eval", "--run", run, "--stage", name, "--suite", tmp_path / "suite.yaml")
     figures = Manifest(run).stage(name)["eval"]["smoke"]["gsm8k"]
-    assert figures["n_prompts"] == 4 and 0 <= figures["pass@1"] <= 1
+    assert figures["n_prompts"] == 2 and 0 <= figures["pass@1"] <= 1
 
 
 R1_TEMPLATE = (  # as DeepSeek-R1-Distill templates do: the generation prompt opens the think block
