@@ -53,9 +53,9 @@ def hub_format_files(root: Path) -> dict[str, Path]:
     and trl-lib/DeepMath-103K."""
     root.mkdir(parents=True, exist_ok=True)
     openr1, deepmath = root / "openr1.jsonl", root / "deepmath.jsonl"
-    rows = [q for q in QUESTIONS for _ in range(8)]
+    rows = [(q, a) for q, a in QUESTIONS for _ in range(8)]
     openr1.write_text("".join(json.dumps({
-        "problem": q, "solution": f"{q[8:-1]} = {a}. $\\boxed{{{a}}}$", "answer": a,
+        "problem": q, "solution": f"1 + 1 = {a}. $\\boxed{{{a}}}$", "answer": a,
         "problem_type": "Algebra", "question_type": "math-word-problem", "source": "smoke",
         "uuid": f"{i:04d}", "is_reasoning_complete": [True], "generations": [_trace(q, a)],
         "correctness_math_verify": [True], "correctness_llama": None, "finish_reasons": None,
@@ -88,9 +88,10 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
               "eval_suite": str(suite), "gradient_accumulation_steps": "1"}
     # Padding-free packing needs flash-attention kernels (GPU); on CPU it mixes examples.
     unpacked = {"packing": "false"}
-    # Sampled cooler than the recipes' 0.6-0.8: a few dozen steps leave the model unsure.
+    # Sampled cooler than the recipes' 0.6-0.8: a few dozen steps leave the model unsure. The
+    # prompts share one text, so they share one set of samples: 32 of them.
     sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
-              "samples_per_prompt": "8", "temperature": "0.3"}
+              "samples_per_prompt": "32", "temperature": "0.3"}
     openr1 = _flow([{"path": str(files["openr1"])}])
     prompts = _flow([{"path": str(files["openr1"]), "n": 4}])  # the sampling stages: 4 prompts
     return {

@@ -42,7 +42,9 @@ def test_full_size_recipes_use_real_models_and_bf16(path: Path):
     data = read_yaml(path)
     init = str(data.get("init_from", ""))
     assert "/" in init or init in STAGES, f"{path}: init_from should be a hub id or a stage"
-    assert data.get("bf16") is True, f"{path}: full-size recipes train in bf16"
+    if stage_module(data["stage"]).Recipe.TRAINER_CONFIG:  # data stages (rejection) train nothing
+        assert data.get("bf16") is True, f"{path}: full-size recipes train in bf16"
+    assert data.get("answer_format") == "boxed", f"{path}: real models answer in R1's format"
 
 
 def test_qwen_sft_recipe():
@@ -52,5 +54,6 @@ def test_qwen_sft_recipe():
     assert r.init_from.startswith("Qwen/Qwen2.5-1.5B")
     assert r.eval_suite == "eval/gsm8k.yaml"
     assert all("hub" in spec for spec in r.train_data)
-    assert r.trainer["bf16"] is True and r.trainer["assistant_only_loss"] is True
+    assert r.trainer["bf16"] is True and r.answer_format == "boxed" and r.overlong == "drop"
+    assert "assistant_only_loss" not in r.trainer  # the loss masking needs no template markers
     assert "accelerate" in (ROOT / "recipes" / "qwen2.5-1.5b" / "sft.yaml").read_text()

@@ -287,3 +287,31 @@ def test_accuracy_in_a_worker_thread():
     t.start()
     t.join()
     assert out == [1.0]
+
+
+# Each real AIME/AMC gold written in the usual forms: right when it is the gold, wrong when it is
+# off by one. The agreement with those labels must be total.
+FORMS = ["\\boxed{{{a}}}", "<answer>{a}</answer>", "The answer is {a}.", "The answer is: ${a}$",
+         "The final answer is:\n{a}", "Final Answer: The final answer is ${a}$. I hope it is correct.",
+         "The answer is **{a}**.", "<think>so it is {a}</think>\n\nThe answer is $\\boxed{{{a}}}$.",
+         "Therefore, the answer is \\({a}\\).", "**Answer:** {a}"]
+
+
+def test_rewritten_real_golds_agree_with_their_labels():
+    rows = []
+    for name in ("math_eval/aime24/test.jsonl", "math_eval/amc23/test.jsonl"):
+        path = SHARED_DATA / name
+        if not path.exists():
+            pytest.skip(f"{path} not present (the shared benchmark data sits beside the checkout)")
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    golds = [str(r["answer"]) for r in rows]
+    disagree = []
+    for gold in golds:
+        value = float(gold)
+        for form in FORMS:
+            for answer, label in ((gold, True), (f"{value + 1:g}", False)):
+                if score(form.format(a=answer), gold, last_number=False) is not label:
+                    disagree.append((form, gold, answer))
+    print(f"\n{len(golds) * len(FORMS) * 2} labelled rewrites of {len(golds)} golds: "
+          f"{len(disagree)} disagree")
+    assert not disagree, disagree[:5]

@@ -94,7 +94,8 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
             samples equal a single process's (per-batch / per-prompt seeds).
 
     Returns:
-        One list of `sampling.n` completions per prompt, in order.
+        One list of `sampling.n` completions per prompt, in order (prompts with the same
+        rendered text share theirs).
     """
     from posttrain.rollout.cache import RolloutCache, model_fingerprint
 
@@ -106,7 +107,10 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
     else:
         from posttrain.models import load_tokenizer
         tokenizer = load_tokenizer(model_ref)
-    texts = [render_prompt(tokenizer, p) for p in prompts]
+    rendered = [render_prompt(tokenizer, p) for p in prompts]
+    # One set of samples per distinct prompt text: the cache keys by text, so duplicated prompts
+    # must share samples on a cold run too, or a warm rerun would return different data.
+    texts = list(dict.fromkeys(rendered))
     root = _cache_root(cache)
     fingerprint = model_fingerprint(model_ref, root) if root is not None else None
     store = RolloutCache(root, fingerprint, chosen, sampling) if root is not None else None
@@ -145,7 +149,8 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
                                             if results[i] is not None]):
             for i, comps in part:
                 results[i] = comps
-    return results  # type: ignore[return-value]
+    by_text = dict(zip(texts, results))
+    return [by_text[t] for t in rendered]  # type: ignore[misc]
 
 
 def _run_vllm(model_dir: str, tokenizer, texts: list[str], sampling: Sampling, keep, bar,
