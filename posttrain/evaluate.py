@@ -278,9 +278,11 @@ def run_eval(manifest, stage: str, suite_path: str | Path, backend: str | None =
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Plain-text table: one line per (stage, task) with the main figures."""
+    """Plain-text table: one line per (stage, task) with the main figures (pass@1 with its
+    standard error, and the prompts left unscored because their gold is unscorable)."""
     lines = []
-    header = f"{'stage':<16}{'suite/task':<28}{'pass@1':>8}{'pass@k':>8}{'maj@k':>8}{'format':>8}{'tokens':>8}"
+    header = (f"{'stage':<16}{'suite/task':<28}{'pass@1':>8}{'±se':>7}{'unscored':>9}{'pass@k':>8}"
+              f"{'maj@k':>8}{'format':>8}{'tokens':>8}")
     lines.append(header)
     lines.append("-" * len(header))
     for stage, suites in rows.items():
@@ -289,8 +291,10 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
                 pk = next((v for k, v in m.items() if k.startswith("pass@") and k != "pass@1"
                            and k[5:].isdigit()), 0.0)
                 mk = next((v for k, v in m.items() if k.startswith("maj@")), 0.0)
-                lines.append(f"{stage:<16}{suite + '/' + task:<28}{m['pass@1']:>8.3f}{pk:>8.3f}"
-                             f"{mk:>8.3f}{m['format_rate']:>8.3f}{m['mean_tokens']:>8.1f}")
+                lines.append(f"{stage:<16}{suite + '/' + task:<28}{m['pass@1']:>8.3f}"
+                             f"{m.get('pass@1_se', 0.0):>7.3f}{m.get('unscorable', 0):>9}"
+                             f"{pk:>8.3f}{mk:>8.3f}{m['format_rate']:>8.3f}"
+                             f"{m['mean_tokens']:>8.1f}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ from posttrain.plots import (
     series,
 )
 
-EVAL_COLUMNS = ("stage", "suite/task", "pass@1", "pass@k", "maj@k", "format", "tokens")
+EVAL_COLUMNS = ("stage", "suite/task", "pass@1", "unscored", "pass@k", "maj@k", "format",
+                "tokens")
 
 
 def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -71,7 +72,8 @@ def eval_rows(stages: dict[str, dict[str, Any]]) -> list[list[str]]:
         for suite, tasks in (entry.get("eval") or {}).items():
             for task, m in tasks.items():
                 k = _k_value(m, "pass@")
-                rows.append([name, f"{suite}/{task}", _fmt(m.get("pass@1")), _fmt(k),
+                rows.append([name, f"{suite}/{task}", _fmt(m.get("pass@1")),
+                             _fmt(m.get("unscorable", 0)), _fmt(k),
                              _fmt(_k_value(m, "maj@")), _fmt(m.get("format_rate")),
                              _fmt(m.get("mean_tokens"), 1)])
     return rows
