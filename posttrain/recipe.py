@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from posttrain import answer_format
+from posttrain import answer_format as formats
 from posttrain.errors import UserError
 
 
@@ -75,8 +75,8 @@ class Recipe:
     OUTPUT_DIR: ClassVar[str] = "model"
 
     def __post_init__(self) -> None:
-        if self.system_prompt == "auto" and self.answer_format in answer_format.ANSWER_FORMATS:
-            self.system_prompt = answer_format.default_system_prompt(self.answer_format)
+        if self.system_prompt == "auto" and self.answer_format in formats.ANSWER_FORMATS:
+            self.system_prompt = formats.default_system_prompt(self.answer_format)
 
     @property
     def stage_name(self) -> str:
@@ -84,7 +84,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-field checks; raise UserError. Subclasses extend."""
-        answer_format.check(self.answer_format)
+        formats.check(self.answer_format)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         # TRL fields every stage shares; 0 or less is a typo the trainer would accept silently
