@@ -30,8 +30,10 @@ def test_grpo_trains_logs_and_saves(manifest, tiny_run):
     assert len(steps) == 3
     for key in ("rewards/accuracy/mean", "rewards/format/mean", "reward", "reward_std",
                 "frac_reward_zero_std", "completions/mean_length", "kl",
-                "clip_ratio/region_mean", "dynamic_sampling/kept_frac"):
+                "clip_ratio/region_mean", "dynamic_sampling/kept_frac",
+                "rewards/accuracy/unscorable_frac"):  # through TRL's log_metric hook
         assert key in steps[0], key
+    assert steps[0]["rewards/accuracy/unscorable_frac"] == 0.0  # synthetic golds all score
     png = stage_dir / "reward_curve.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert entry["metrics"]["reward_last"] is not None
