@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from posttrain.errors import UserError
 from posttrain.extraction import boxed
 
 ANSWER_FORMATS = ("tags", "boxed")
@@ -32,7 +33,7 @@ _BOXED = re.compile(rf"^\s*(?:<think>)?{_BODY}</think>{_BODY}$", re.DOTALL)
 
 
 def check(answer_format: str, where: str = "answer_format") -> str:
-    from posttrain.errors import UserError
+    """`answer_format` if it is one of ANSWER_FORMATS; UserError otherwise."""
     if answer_format not in ANSWER_FORMATS:
         raise UserError(f"{where} must be one of {', '.join(ANSWER_FORMATS)}, got "
                         f"{answer_format!r}")

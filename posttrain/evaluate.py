@@ -216,8 +216,8 @@ def metrics(samples: list[list[dict[str, Any]]], k: int) -> dict[str, float]:
         mk.append(majority_correct(answers[:k], correct[:k]))
         cons.append(majority_correct(answers, correct))
     mean = lambda xs: float(sum(xs) / max(1, len(xs)))  # noqa: E731
-    se = (math.sqrt(sum((x - mean(p1)) ** 2 for x in p1) / (len(p1) - 1) / len(p1))
-          if len(p1) > 1 else 0.0)
+    m1 = mean(p1)
+    se = math.sqrt(sum((x - m1) ** 2 for x in p1) / (len(p1) - 1) / len(p1)) if len(p1) > 1 else 0.0
     return {"pass@1": mean(p1), "pass@1_se": se, f"pass@{k}": mean(pk), f"maj@{k}": mean(mk),
             f"cons@{n}": mean(cons), "format_rate": mean(fmt), "mean_tokens": mean(toks),
             "n_prompts": len(samples), "unscorable": unscorable, "n_samples": n}

@@ -27,7 +27,9 @@ _NUMBER = re.compile(rf"(?<![\d.]){NUMBER_TEXT}(?![\d])")
 # A phrase that is a number followed by prose ("18, which is...", "3 apples."): keep the number.
 _LEADING_NUMBER = re.compile(rf"^({NUMBER_TEXT})(?=[,;.!]?\s+[^\W\d_]|[,;.!]?\s*$)")
 _SENTENCE_END = re.compile(r"[.;!?](?=\s|$)|\n")
-_MATH_OPEN = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+# A math span's opening delimiter → its closing one (not an escaped dollar sign: `$\\$18$`).
+_MATH_OPEN = {open_: re.compile(r"(?<!\\)" + re.escape(close))
+              for open_, close in {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}.items()}
 _EMPHASIS = re.compile(r"^(\*\*|__|\*|_)(.+?)\1$", re.DOTALL)
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
 
@@ -65,8 +67,7 @@ def _leading_math(rest: str) -> str:
     rest = rest.lstrip(" \t*_")
     for open_, close in _MATH_OPEN.items():
         if rest.startswith(open_):
-            # The closing delimiter, not an escaped dollar sign (`$\\$18$`).
-            m = re.compile(r"(?<!\\)" + re.escape(close)).search(rest, len(open_))
+            m = close.search(rest, len(open_))
             if m:
                 return rest[len(open_):m.start()]
     if rest.startswith(("\\boxed", "\\fbox")):

@@ -75,7 +75,7 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
         super().validate()
         self.check_sampling()
         self.check_overlong()
-        positive(self, "max_tokens", "max_per_prompt")
+        self.check_filter()
         if bool(self.student) == bool(self.init_from):
             raise UserError("distill: give exactly one of student (tiny:qwen2, tiny:llama: a "
                             "fresh tiny student) or init_from (a pretrained student)")

@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
 from posttrain.stages.common import StageContext
 from posttrain.stages.sampling import (
     FilterFields,
@@ -45,7 +44,7 @@ class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
     def validate(self) -> None:
         super().validate()
         self.check_sampling()
-        positive(self, "max_tokens", "max_per_prompt")
+        self.check_filter()
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:

@@ -86,6 +86,10 @@ class FilterFields:
     max_per_prompt: int | None = 4
     check_steps: bool = True
 
+    def check_filter(self) -> None:
+        """UserError for a length cap or quota of 0 or less."""
+        positive(self, "max_tokens", "max_per_prompt")
+
     def filter_config(self):
         from posttrain.rollout.filter import FilterConfig
         return FilterConfig(check_steps=self.check_steps, answer_format=self.answer_format,
