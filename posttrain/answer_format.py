@@ -1,10 +1,12 @@
-"""The answer format a recipe trains, rewards and judges: one concept, two values.
+"""The answer format a recipe trains, rewards and judges: one concept, three values.
 
 - `tags`: the tiny world's `<think>…</think><answer>…</answer>`, asked for by a system prompt.
 - `boxed`: DeepSeek-R1's: `<think>…</think>`, then a summary with the final answer in
   `\\boxed{}`. Prompted as R1 is: no system prompt, the instruction in the user turn. R1-distilled
   templates open `<think>` in the generation prompt, so the completion may start inside the
-  reasoning: the leading `<think>` is optional in both formats.
+  reasoning: the leading `<think>` is optional in every format.
+- `code`: as `boxed`, with the final answer a fenced ```python block (code tasks, the `code`
+  reward and code eval suites).
 
 The format decides the prompt (system turn, instruction), what the `format` and `tag_count`
 rewards check, which samples the rejection filter and DPO pairing call well formed, the eval's
@@ -16,15 +18,17 @@ from __future__ import annotations
 import re
 
 from posttrain.errors import UserError
-from posttrain.extraction import boxed
+from posttrain.extraction import boxed, code_block
 
-ANSWER_FORMATS = ("tags", "boxed")
+ANSWER_FORMATS = ("tags", "boxed", "code")
 TAGS_SYSTEM_PROMPT = (
     "Think step by step inside <think> </think>, then give the final answer inside "
     "<answer> </answer>."
 )
 # R1's evaluation prompt for math (DeepSeek-R1 paper, and the DeepSeek-R1-Distill model cards).
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = ("Please reason step by step, then give your complete solution as Python code "
+                    "in a ```python code block.")
 
 # A body holds no think/answer tag (a stray `</think>` or nested `<answer>` is not the format).
 _BODY = r"((?:(?!</?(?:think|answer)>).)+)"
@@ -49,6 +53,8 @@ def user_turn(question: str, answer_format: str) -> str:
     """The question as the user turn: R1's instruction follows it in the `boxed` format."""
     if answer_format == "boxed" and "\\boxed" not in question:
         return f"{question}\n{BOXED_INSTRUCTION}"
+    if answer_format == "code" and "```" not in question:
+        return f"{question}\n{CODE_INSTRUCTION}"
     return question
 
 
@@ -56,13 +62,19 @@ def completion(trace: str, answer: str, answer_format: str = "tags") -> str:
     """The assistant turn a worked trace and its answer make in this format (SFT targets)."""
     if answer_format == "boxed":
         return f"<think>\n{trace}\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
+    if answer_format == "code":
+        return f"<think>\n{trace}\n</think>\n\n```python\n{answer.strip()}\n```"
     return f"<think>{trace}</think><answer>{answer}</answer>"
 
 
 def is_well_formed(text: str, answer_format: str = "tags") -> bool:
     """`tags`: `<think>…</think>` then one `<answer>…</answer>` and nothing after it. `boxed`:
-    `<think>…</think>`, then a conclusion with a non-empty `\\boxed{}`. The reasoning must say
-    something; the leading `<think>` may be in the prompt."""
+    `<think>…</think>`, then a conclusion with a non-empty `\\boxed{}`. `code`: the same with a
+    Python code block for the `\\boxed{}`. The reasoning must say something; the leading
+    `<think>` may be in the prompt."""
+    if answer_format == "code":
+        m = _BOXED.match(text)
+        return bool(m and m.group(1).strip() and (code_block(text) or "").strip())
     if answer_format == "boxed":
         m = _BOXED.match(text)
         if not (m and m.group(1).strip()):
@@ -79,14 +91,16 @@ def tag_score(text: str, answer_format: str = "tags") -> float:
 
     `tags`: `<think>` (or a template-opened one), `</think>`, `<answer>`, `</answer>` each exactly
     once. `boxed`: the think block opened once, closed once, a `\\boxed{}` after it, and exactly
-    one `\\boxed` there.
+    one `\\boxed` there. `code`: the same with one fenced code block for the `\\boxed{}`.
     """
     n_open, n_close = text.count("<think>"), text.count("</think>")
     # No `<think>` is fine when the template opened it: then exactly one `</think>` is expected.
     think_open = n_open == 1 or (n_open == 0 and n_close == 1)
+    after = text.rsplit("</think>", 1)[1] if n_close else ""
     if answer_format == "boxed":
-        after = text.rsplit("</think>", 1)[1] if n_close else ""
         checks = (think_open, n_close == 1, boxed(after) is not None, after.count("\\boxed") == 1)
+    elif answer_format == "code":
+        checks = (think_open, n_close == 1, code_block(text) is not None, after.count("```") == 2)
     else:
         checks = (think_open, n_close == 1, text.count("<answer>") == 1,
                   text.count("</answer>") == 1)

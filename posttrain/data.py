@@ -164,14 +164,14 @@ def prompt_messages(prompt: str, system_prompt: str | None,
 def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: str = "train_data"):
     """Rows with a `messages` column: task rows become prompt + CoT assistant turn.
 
-    Chat datasets are kept as they are, except that in the `boxed` format the last user turn gets
-    R1's instruction (as in every RL, sampling and eval prompt), so the model trains on the
-    prompts it will see.
+    Chat datasets are kept as they are, except that in the `boxed` and `code` formats the last
+    user turn gets the format's instruction (as in every RL, sampling and eval prompt), so the
+    model trains on the prompts it will see.
     """
     if "messages" in ds.column_names:
         ds = ds.select_columns(["messages"])
         return ds.map(lambda row: {"messages": instruct(row["messages"], answer_format)}) \
-            if answer_format == "boxed" else ds
+            if answer_format != "tags" else ds
     if {"prompt", "trace", "answer"} <= set(ds.column_names):
         def convert(row):
             return {"messages": prompt_messages(row["prompt"], system_prompt, answer_format) + [

@@ -14,6 +14,7 @@ after "The answer is:". These are the forms real model outputs take (see tests/t
 
 from __future__ import annotations
 
+import ast
 import re
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -32,11 +33,29 @@ _MATH_OPEN = {open_: re.compile(r"(?<!\\)" + re.escape(close))
               for open_, close in {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}.items()}
 _EMPHASIS = re.compile(r"^(\*\*|__|\*|_)(.+?)\1$", re.DOTALL)
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
+# A fenced block tagged python (or untagged): "```python\n…```".
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def final_part(text: str) -> str:
     """The text after the last `</think>` (the conclusion), or all of it when there is none."""
     return text.rsplit("</think>", 1)[1] if "</think>" in text else text
+
+
+def code_block(text: str) -> str | None:
+    """The program a completion ends with: the last fenced Python block after `</think>`, else
+    the text after `</think>` itself when it parses as Python; None when there is neither."""
+    tail = final_part(text)
+    blocks = _FENCE.findall(tail)
+    if blocks:
+        return blocks[-1]
+    if "</think>" in text and tail.strip():
+        try:
+            ast.parse(tail)
+        except (SyntaxError, ValueError):
+            return None
+        return tail
+    return None
 
 
 def boxed(text: str) -> str | None:

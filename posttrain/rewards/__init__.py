@@ -19,6 +19,9 @@ Rewards (keys of `REWARDS`; tunable parameters in brackets, with defaults):
                           cache=256]
     repetition            n-gram repetition penalty [ngram_size=3, max_penalty=-1.0, unit="word"]
     language_consistency  R1: share of target-language words in the reasoning [language="en"]
+    code                  share of the row's `tests` (asserts, after its `test_imports`) the final
+                          Python block passes in the local sandbox; None without tests
+                          [all_or_nothing=False, timeout=5.0, memory_mb=512, budget_s=60.0]
 
 `length` and `cosine` read the same columns as `accuracy`. Lengths are in tokens during GRPO (from
 TRL's `completion_ids`), in characters on direct calls: set `max_len` to the trainer's
@@ -41,6 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from posttrain.errors import UserError
+from posttrain.rewards.code import code
 from posttrain.rewards.correctness import accuracy
 from posttrain.rewards.format import format_reward, reasoning_steps, tag_count
 from posttrain.rewards.language import language_consistency
@@ -59,6 +63,7 @@ REWARDS: dict[str, RewardFunc] = {
     "soft_overlong": soft_overlong,
     "repetition": repetition,
     "language_consistency": language_consistency,
+    "code": code,
 }
 
 __all__ = ["REWARDS", "RewardFunc", "build_reward_funcs", "reward_params"]
