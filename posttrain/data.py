@@ -183,29 +183,49 @@ def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: st
 
 
 def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_prompt: str | None,
-                     seed: int, answer_format: str = "tags", where: str = "prompt_data"):
+                     seed: int, answer_format: str = "tags", where: str = "prompt_data",
+                     code_columns: tuple[str, str] = ("tests", "test_imports"),
+                     show_tests: int = 3):
     """The one way stages load prompts: specs → rows with `prompt` as chat messages and the gold
-    columns (`answer`/`solution`, `task`, `meta`) as they are.
+    columns (`answer`/`solution`, `task`, `meta`, or a code task's `tests`/`test_imports`) as
+    they are.
 
-    `prompt_column` names the question column (e.g. `problem`); it must exist.
+    `prompt_column` names the question column (e.g. `problem`); it must exist. `code_columns`
+    name a code task's tests and imports columns (renamed to `tests` / `test_imports`); in the
+    `code` answer format the first `show_tests` tests follow the question.
     """
     ds = load_sources(specs, seed, where)
-    if prompt_column != "prompt":
-        if prompt_column not in ds.column_names:
-            raise UserError(f"{where}: no column {prompt_column!r} (prompt_column; has: "
-                            f"{', '.join(ds.column_names)})")
-        ds = ds.remove_columns([c for c in ("prompt",) if c in ds.column_names])
-        ds = ds.rename_column(prompt_column, "prompt")
+    for column, name in ((prompt_column, "prompt"), *zip(code_columns, ("tests", "test_imports"))):
+        if column == name:
+            continue
+        if column not in ds.column_names:
+            if name == "prompt":
+                raise UserError(f"{where}: no column {column!r} (prompt_column; has: "
+                                f"{', '.join(ds.column_names)})")
+            continue
+        ds = ds.remove_columns([c for c in (name,) if c in ds.column_names])
+        ds = ds.rename_column(column, name)
+    if answer_format == "code" and "tests" in ds.column_names and show_tests > 0 \
+            and getattr(ds.features["prompt"], "dtype", None) == "string":
+        ds = ds.map(lambda row: {"prompt": code_problem(row["prompt"], row["tests"], show_tests)})
     return to_prompts(ds, system_prompt, answer_format, where)
+
+
+def code_problem(problem: str, tests: list[str] | None, show: int) -> str:
+    """A code task's question: the problem, then its first `show` tests (MBPP's prompt)."""
+    if show <= 0 or not tests:
+        return str(problem)
+    shown = "\n".join(tests[:show])
+    return f"{problem}\nYour code should pass these tests:\n\n{shown}"
 
 
 def to_prompts(ds, system_prompt: str | None, answer_format: str = "tags",
                where: str = "prompts"):
     """Rows for RL / sampling: `prompt` as chat messages plus the gold columns kept as they are."""
     require_columns(ds, ["prompt"], where)
-    if "answer" not in ds.column_names and "solution" not in ds.column_names:
+    if not {"answer", "solution", "tests"} & set(ds.column_names):
         raise UserError(f"{where}: dataset needs an `answer` or `solution` column to verify against"
-                        f" (has: {', '.join(ds.column_names)})")
+                        f", or a code task's `tests` (has: {', '.join(ds.column_names)})")
     if getattr(ds.features["prompt"], "dtype", None) == "string":  # plain text, not messages yet
         return ds.map(lambda row: {"prompt": prompt_messages(row["prompt"], system_prompt,
                                                              answer_format)})

@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import answer_format as fmt
-from posttrain.data import check_spec, load_source, prompt_messages
+from posttrain.data import check_spec, code_problem, load_source, prompt_messages
 from posttrain.errors import UserError
 from posttrain.recipe import read_yaml
+from posttrain.rewards.code import code as code_reward
 from posttrain.rollout import Sampling, generate
 from posttrain.scoring import answers_equal, extract_answer, score
+
+
+SCORERS = ("answer", "code")
 
 
 @dataclass
@@ -44,6 +48,12 @@ class SuiteTask:
         answer_field: Column holding the gold answer (bare, LaTeX, `\\boxed{}` or GSM8K `#### x`).
         n_prompts: How many prompts to evaluate (null: all).
         difficulty: Knobs passed to a synthetic task's generator.
+        scorer: `answer` (the final answer against `answer_field`) or `code` (the final Python
+            block run against the row's tests in the sandbox; correct = every test passes).
+        tests_field: Column of assert statements (`code` scorer).
+        imports_field: Column of import lines the tests need (`code` scorer; null: none).
+        show_tests: How many of a row's tests follow the problem in the prompt (`code` scorer),
+            so the model knows the function's name and signature (MBPP's prompt shows 3).
     """
 
     name: str
@@ -56,6 +66,10 @@ class SuiteTask:
     answer_field: str = "answer"
     n_prompts: int | None = None
     difficulty: dict[str, Any] = field(default_factory=dict)
+    scorer: str = "answer"
+    tests_field: str = "test_list"
+    imports_field: str | None = "test_imports"
+    show_tests: int = 0
 
 
 @dataclass
@@ -116,6 +130,12 @@ def load_suite(path: str | Path) -> Suite:
             check_spec({"task": st.task, "n": 1, **st.difficulty}, f"{path}: task {st.name!r}")
         if st.task is None and knobs:  # a benchmark has no knobs: a typo must not pass silently
             raise UserError(f"{path}: task {st.name!r}: unknown key(s) {', '.join(sorted(knobs))}")
+        if st.scorer not in SCORERS:
+            raise UserError(f"{path}: task {st.name!r}: scorer must be one of "
+                            f"{', '.join(SCORERS)}, got {st.scorer!r}")
+        if st.scorer == "code" and st.task is not None:
+            raise UserError(f"{path}: task {st.name!r}: the code scorer needs a benchmark with "
+                            "tests (path: or hub:), not a synthetic task")
         parsed.append(st)
     suite = Suite(tasks=parsed, **data)
     fmt.check(suite.answer_format, f"{path}: answer_format")
@@ -157,15 +177,39 @@ def task_prompts(st: SuiteTask, suite: Suite) -> list[dict[str, Any]]:
         raise UserError(f"suite {suite.name}/{st.name}: {local} not found and no hub: fallback"
                         " (set POSTTRAIN_DATA_DIR to the folder holding it)")
     ds = load_source(spec, seed=suite.seed, where=f"suite {suite.name}/{st.name}")
-    for col in (st.problem_field, st.answer_field):
+    needed = ([st.problem_field, st.tests_field] + ([st.imports_field] if st.imports_field else [])
+              if st.scorer == "code" else [st.problem_field, st.answer_field])
+    for col in needed:
         if col not in ds.column_names:
             raise UserError(f"suite {suite.name}/{st.name}: no column {col!r} "
                             f"(has: {', '.join(ds.column_names)})")
     if st.n_prompts:
         ds = ds.select(range(min(st.n_prompts, len(ds))))
+    if st.scorer == "code":
+        return [{"prompt": prompt_messages(code_problem(r[st.problem_field], r[st.tests_field],
+                                                        st.show_tests),
+                                           suite.system_prompt, suite.answer_format),
+                 "gold": None, "task": None, "meta": None, "tests": list(r[st.tests_field]),
+                 "test_imports": list(r[st.imports_field]) if st.imports_field else []}
+                for r in ds]
     return [{"prompt": prompt_messages(str(r[st.problem_field]), suite.system_prompt,
                                        suite.answer_format),
              "gold": str(r[st.answer_field]), "task": None, "meta": None} for r in ds]
+
+
+def score_code(rows: list[dict[str, Any]], outs: list[list[Any]]) -> list[list[float | None]]:
+    """Per prompt, per sample: the share of the row's tests its program passes (sandbox)."""
+    texts = [c.text for comps in outs for c in comps]
+    n = [len(comps) for comps in outs]
+    fractions = code_reward(texts, tests=[r["tests"] for r, k in zip(rows, n) for _ in range(k)],
+                            test_imports=[r["test_imports"] for r, k in zip(rows, n)
+                                          for _ in range(k)],
+                            budget_s=3600.0)
+    out, i = [], 0
+    for k in n:
+        out.append(fractions[i:i + k])
+        i += k
+    return out
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -193,8 +237,9 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return bool(correct[top[0]])
 
 
-def metrics(samples: list[list[dict[str, Any]]], k: int) -> dict[str, float]:
+def metrics(samples: list[list[dict[str, Any]]], k: int, vote: bool = True) -> dict[str, float]:
     """Aggregate per-prompt samples (each with correct/well_formed/tokens/answer) into figures.
+    `vote: false` (programs: no answer to vote on) leaves out maj@k and cons@n.
 
     A prompt whose gold is unscorable (`correct` None) is counted in `unscorable`, not as wrong;
     the accuracy figures are over the scorable prompts. `pass@1_se` is the standard error of
@@ -212,14 +257,17 @@ def metrics(samples: list[list[dict[str, Any]]], k: int) -> dict[str, float]:
         c = sum(bool(s["correct"]) for s in group)
         p1.append(c / n)
         pk.append(pass_at_k(n, c, k))
+        if not vote:
+            continue
         answers, correct = [s["answer"] for s in group], [bool(s["correct"]) for s in group]
         mk.append(majority_correct(answers[:k], correct[:k]))
         cons.append(majority_correct(answers, correct))
     mean = lambda xs: float(sum(xs) / max(1, len(xs)))  # noqa: E731
     m1 = mean(p1)
     se = math.sqrt(sum((x - m1) ** 2 for x in p1) / (len(p1) - 1) / len(p1)) if len(p1) > 1 else 0.0
-    return {"pass@1": mean(p1), "pass@1_se": se, f"pass@{k}": mean(pk), f"maj@{k}": mean(mk),
-            f"cons@{n}": mean(cons), "format_rate": mean(fmt), "mean_tokens": mean(toks),
+    votes = {f"maj@{k}": mean(mk), f"cons@{n}": mean(cons)} if vote else {}
+    return {"pass@1": mean(p1), "pass@1_se": se, f"pass@{k}": mean(pk), **votes,
+            "format_rate": mean(fmt), "mean_tokens": mean(toks),
             "n_prompts": len(samples), "unscorable": unscorable, "n_samples": n}
 
 
@@ -234,16 +282,24 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
         rows = task_prompts(st, suite)
         outs = generate(model_ref, [r["prompt"] for r in rows], sampling, backend=backend,
                         batch_size=suite.batch_size, progress=progress, cache=suite.cache)
+        code_scores = score_code(rows, outs) if st.scorer == "code" else None
         per_prompt = []
-        for row, comps in zip(rows, outs):
+        for i, (row, comps) in enumerate(zip(rows, outs)):
             group = []
-            for c in comps:
-                ok = score(c.text, row["gold"], row["task"], row["meta"])
-                group.append({"text": c.text, "answer": extract_answer(c.text),
-                              "correct": None if ok is None else bool(ok), "well_formed": fmt.is_well_formed(c.text, suite.answer_format),
+            for j, c in enumerate(comps):
+                if code_scores is None:
+                    ok = score(c.text, row["gold"], row["task"], row["meta"])
+                    extra = {"answer": extract_answer(c.text)}
+                else:  # a program is right when it passes every test
+                    frac = code_scores[i][j]
+                    ok = None if frac is None else frac == 1.0
+                    extra = {"tests_passed": frac}
+                group.append({"text": c.text, **extra,
+                              "correct": None if ok is None else bool(ok),
+                              "well_formed": fmt.is_well_formed(c.text, suite.answer_format),
                               "tokens": c.tokens, "finish_reason": c.finish_reason})
             per_prompt.append(group)
-        results[st.name] = metrics(per_prompt, suite.k)
+        results[st.name] = metrics(per_prompt, suite.k, vote=code_scores is None)
         results[st.name].update(temperature=suite.temperature)
         dumps[st.name] = [{"prompt": r["prompt"][-1]["content"], "gold": r["gold"], "samples": g}
                           for r, g in zip(rows, per_prompt)]
@@ -290,10 +346,10 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
             for task, m in tasks.items():
                 pk = next((v for k, v in m.items() if k.startswith("pass@") and k != "pass@1"
                            and k[5:].isdigit()), 0.0)
-                mk = next((v for k, v in m.items() if k.startswith("maj@")), 0.0)
+                mk = next((f"{v:>8.3f}" for k, v in m.items() if k.startswith("maj@")), f"{'-':>8}")
                 lines.append(f"{stage:<16}{suite + '/' + task:<28}{m['pass@1']:>8.3f}"
                              f"{m.get('pass@1_se', 0.0):>7.3f}{m.get('unscorable', 0):>9}"
-                             f"{pk:>8.3f}{mk:>8.3f}{m['format_rate']:>8.3f}"
+                             f"{pk:>8.3f}{mk}{m['format_rate']:>8.3f}"
                              f"{m['mean_tokens']:>8.1f}")
     return "\n".join(lines)
 

@@ -27,10 +27,19 @@ class PromptFields:
         prompt_data: Dataset specs (task / path / hub) with a prompt column and an `answer` or
             `solution` column to verify against; synthetic tasks also bring `task` and `meta`.
         prompt_column: Column holding the question (renamed to `prompt`), e.g. `problem`.
+        tests_column: Code tasks: the column of assert statements the `code` reward runs
+            (renamed to `tests`), e.g. MBPP's `test_list`; it may stand for the answer column.
+        test_imports_column: Code tasks: the column of import lines the tests need (renamed to
+            `test_imports`).
+        show_tests: Code tasks (`answer_format: code`): how many tests follow the question in
+            the prompt, so the model knows the function's name (MBPP's prompt shows 3).
     """
 
     prompt_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     prompt_column: str = "prompt"
+    tests_column: str = "tests"
+    test_imports_column: str = "test_imports"
+    show_tests: int = 3
 
 
 @dataclasses.dataclass
@@ -100,7 +109,9 @@ def load_prompts(recipe) -> Any:
     """The recipe's prompt set as chat prompts with their gold columns."""
     from posttrain.data import load_prompt_rows
     return load_prompt_rows(recipe.prompt_data, recipe.prompt_column, recipe.system_prompt,
-                            recipe.seed, recipe.answer_format)
+                            recipe.seed, recipe.answer_format,
+                            code_columns=(recipe.tests_column, recipe.test_imports_column),
+                            show_tests=recipe.show_tests)
 
 
 def check_prompts(recipe) -> None:
