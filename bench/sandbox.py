@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from posttrain.sandbox import Job, Sandbox  # noqa: E402
+from posttrain.sandbox import Job, Sandbox
 
 PROGRAMS = [
     ("def add(a, b):\n    return a + b\n",

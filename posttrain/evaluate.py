@@ -28,7 +28,6 @@ from posttrain.rewards.code import code as code_reward
 from posttrain.rollout import Sampling, generate
 from posttrain.scoring import answers_equal, extract_answer, score
 
-
 SCORERS = ("answer", "code")
 
 

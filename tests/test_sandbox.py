@@ -261,3 +261,33 @@ def test_legit_programs_still_work(box):
     [v] = box.run([Job(program, ["assert f(10) == 55", "assert g() == 'ok1A'",
                                  "assert h('abc')", "assert not h('b')"])])
     assert (v.passed, v.total, v.status) == (4, 4, "ok")
+
+
+FENCE = "```"
+CODE_BLOCKS = [  # (completion, the program the reward runs)
+    (f"<think>\nplan\n</think>\n\n{FENCE}python\ndef f():\n    return 1\n{FENCE}",
+     "def f():\n    return 1\n"),
+    (f"<think>\n{FENCE}python\ndraft()\n{FENCE}\n</think>\n{FENCE}py\nfinal()\n{FENCE}", "final()\n"),
+    (f"<think>x</think>\n{FENCE}python\na = 1\n{FENCE}\nthen\n{FENCE}\nb = 2\n{FENCE}", "b = 2\n"),
+    (f"<think>x</think>\n{FENCE}js\nlet a = 1\n{FENCE}", None),  # not Python
+    ("<think>x</think>\ndef g(): return 2", "\ndef g(): return 2"),  # bare code after </think>
+    ("<think>x</think>\nThe answer is to loop.", None),  # prose is no program
+    (f"<think>only a draft\n{FENCE}python\nf()\n{FENCE}", "f()\n"),  # no </think>: whole text
+    (f"<think>x</think>\n{FENCE}python\nunclosed = 1\n", None),  # truncated block
+]
+
+
+@pytest.mark.parametrize("text,program", CODE_BLOCKS)
+def test_code_block(text, program):
+    from posttrain.extraction import code_block
+    assert code_block(text) == program
+
+
+def test_code_answer_format_rewards():
+    from posttrain.answer_format import is_well_formed, tag_score
+    good = f"<think>\nplan\n</think>\n\n{FENCE}python\ndef f():\n    return 1\n{FENCE}"
+    assert is_well_formed(good, "code") and tag_score(good, "code") == 1.0
+    assert not is_well_formed("<think>\n\n</think>\n" + good.split("</think>")[1], "code")
+    assert not is_well_formed("<think>plan</think>\nno code here", "code")
+    [fmt], _ = build_reward_funcs({"format": 1.0})
+    assert fmt([good, "def f(): pass"], answer_format=["code", "code"]) == [1.0, 0.0]

@@ -30,11 +30,11 @@ import builtins
 from collections import Counter, OrderedDict, defaultdict, deque
 from decimal import Decimal
 from fractions import Fraction
-from re import Match
 from operator import contains, eq, ge, gt, is_, is_not, le, lt, ne
-from os import O_APPEND, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, _exit, fspath, getcwd, lstat, readlink
+from os import O_APPEND, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, _exit, fspath, lstat, readlink
 from os import stat as os_stat
 from os import write as os_write
+from re import Match
 from stat import S_ISDIR, S_ISLNK
 from sys import addaudithook, modules
 
@@ -82,6 +82,10 @@ MUTATING = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.rename": ((
             "os.mkdir": ((0,), (2,)), "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)),
             "os.utime": ((0,), (3,)), "os.truncate": ((0,), ()), "os.chflags": ((0,), ()),
             "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()), "shutil.rmtree": ((0,), (1,))}
+
+
+class Untrusted(Exception):
+    """A value a test looks at is not trusted data: the test fails (even under `not`)."""
 
 
 class Denied(RuntimeError, ValueError):
