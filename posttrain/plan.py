@@ -142,8 +142,8 @@ def build_plan(kind: str, recipe, run: str, manifest, stage_dir: Path) -> StageP
         refs["data"] = data_refs
     output = {"kind": recipe.OUTPUT, "dir": str(stage_dir / recipe.OUTPUT_DIR)}
     args, trainer = None, {}
-    if recipe.TRAINER_CONFIG:
-        args = trainer_args(recipe.TRAINER_CONFIG, recipe.trainer_settings(),
+    if recipe.trainer_config():
+        args = trainer_args(recipe.trainer_config(), recipe.trainer_settings(),
                             stage_dir / "checkpoints", tuple(recipe.trainer))
         trainer = {k: v for k, v in _jsonable(args.to_dict()).items() if k not in _NOT_SETTINGS}
     return StagePlan(kind=kind, name=recipe.stage_name, run=run, recipe=_jsonable(recipe.values()),

@@ -105,6 +105,10 @@ class Recipe:
         out.update(self.trainer)
         return out
 
+    def trainer_config(self) -> str | None:
+        """The TRL config class this recipe builds (a GRPO objective may pick another)."""
+        return self.TRAINER_CONFIG
+
     def references(self, manifest) -> dict[str, str | None]:
         """Model references to resolve (name → stage, dir or hub id). Subclasses add theirs."""
         return {"init": self.init_from}

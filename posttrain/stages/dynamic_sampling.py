@@ -1,16 +1,38 @@
-"""DAPO dynamic sampling for TRL's GRPOTrainer: groups whose rewards are all equal are dropped.
+"""DAPO dynamic sampling for TRL's GRPOTrainer: a step learns only from groups whose rewards differ.
 
 A group of `num_generations` completions that all earn the same reward (all right or all wrong)
 has zero advantage everywhere: it adds nothing to the policy gradient, yet with a token-level loss
 (`loss_type: dapo` or `bnpo`) its tokens still count in the normaliser, diluting the gradient of
 the groups that do carry signal, and with `beta > 0` it still pulls toward the reference. DAPO
-(Yu et al. 2025, §3.2) keeps only groups with mixed outcomes. TRL 1.16 has no such option.
+(Yu et al. 2025, §3.2) keeps sampling prompts until the batch is full of groups with mixed
+outcomes. TRL 1.16 has no such option (its issue for it is open), hence this subclass.
+
+Two modes:
+- `refill` (DAPO): after the step's own generation, sample further prompts from the training set,
+  generate and score them, keep their informative groups, until the batch has its configured
+  number of informative groups or `max_sampling_rounds` generations ran. If the rounds run out,
+  the remaining places hold the first round's uninformative groups, masked out of the loss.
+- `mask`: no extra generation; uninformative groups are masked out and the batch shrinks.
+
+Logged per step: `dynamic_sampling/rounds`, `kept_frac` (informative share of the step's own
+generation), `informative_frac` (of the batch the optimizer sees) and `generated_frac`
+(completions generated / the batch's size: the extra generation refill costs).
 """
 
 from __future__ import annotations
 
+import random
+import warnings
+from typing import Any
+
 import torch
 from trl import GRPOTrainer
+
+# Per-sample tensors aligned with the completion (right-padded) or the prompt (left-padded).
+_PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+_PER_SAMPLE = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
+               "old_per_token_logps", "sampling_per_token_logps", "ref_per_token_logps",
+               "importance_sampling_ratio", "tool_mask"}
 
 
 def informative_groups(advantages: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -33,31 +55,95 @@ def informative_groups(advantages: torch.Tensor, num_generations: int) -> torch.
     return keep.repeat_interleave(num_generations)
 
 
+def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The per-sample entries of a generation batch at boolean `rows`."""
+    return {k: v[rows] for k, v in batch.items() if k in _PER_SAMPLE}
+
+
+def merge_batches(batches: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Concatenate generation batches: prompts left-padded, completions right-padded to the
+    longest (padding is masked out, so its value only has to be a valid token)."""
+    out = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if parts[0].dim() == 2 and len({p.shape[1] for p in parts}) > 1:
+            width = max(p.shape[1] for p in parts)
+            value = pad_token_id if key in ("prompt_ids", "completion_ids") else 0
+            left = key in _PROMPT_KEYS
+            parts = [torch.nn.functional.pad(p, (width - p.shape[1], 0) if left else
+                                             (0, width - p.shape[1]), value=value) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
 class DynamicSamplingGRPOTrainer(GRPOTrainer):
-    """GRPOTrainer that drops zero-variance groups from the loss (DAPO dynamic sampling).
+    """GRPOTrainer whose steps learn from informative groups only (DAPO dynamic sampling).
 
     Why a subclass overriding one method: the only hook between "rewards are known" and "the loss
-    is computed" is `_generate_and_score_completions`. We let TRL do all of it, then zero the
-    completion mask of uninformative groups — the same mechanism TRL uses for
-    `mask_truncated_completions` — and recount `num_items_in_batch`, the token-level loss
-    normaliser. Masking instead of removing rows keeps the batch shape TRL's buffering, shuffling
-    and splitting across `steps_per_generation` rely on. DAPO also re-samples new prompts to
-    refill the batch; here the batch simply shrinks (costs no extra generation — on CPU the
-    dominant cost), which `dynamic_sampling/kept_frac` in the logs makes visible.
+    is computed" is `_generate_and_score_completions`. We let TRL generate and score (once, or
+    again for the refill's further prompts), then assemble the batch from the informative groups
+    and recount `num_items_in_batch`, the token-level loss normaliser. Places that stay without an
+    informative group are masked out of the loss — the mechanism TRL uses for
+    `mask_truncated_completions` — so the batch keeps the shape TRL's buffering and splitting
+    across `steps_per_generation` rely on.
+
+    Refill runs on one process; with several, groups are split across processes and the step
+    falls back to masking (warned once).
     """
+
+    def __init__(self, *args: Any, mode: str = "refill", max_sampling_rounds: int = 4,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.dynamic_mode, self.max_sampling_rounds = mode, max_sampling_rounds
+        self._refill_rng = random.Random(self.args.seed + 1)
+        self._warned = False
+
+    def _further_prompts(self, n_prompts: int) -> list[dict[str, Any]]:
+        """`n_prompts` training rows, each repeated `num_generations` times (TRL's layout)."""
+        data = self.train_dataset
+        picks = [self._refill_rng.randrange(len(data)) for _ in range(n_prompts)]
+        return [data[i] for i in picks for _ in range(self.num_generations)]
+
+    def _can_refill(self, out: dict[str, Any]) -> bool:
+        if self.accelerator.num_processes > 1 or not set(out) - {"num_items_in_batch"} <= _PER_SAMPLE:
+            if not self._warned:
+                warnings.warn("dynamic_sampling: refill needs one process and a text-only batch; "
+                              "masking uninformative groups instead", stacklevel=2)
+                self._warned = True
+            return False
+        return True
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
+        g = self.num_generations
         advantages = out["advantages"]
-        if advantages.dim() != 1 or advantages.numel() % self.num_generations:
+        if advantages.dim() != 1 or advantages.numel() % g:
             return out  # groups split across processes: leave the batch as TRL built it
-        keep = informative_groups(advantages, self.num_generations)
+        keep = informative_groups(advantages, g)
+        size, kept_frac, rounds, generated = keep.numel(), keep.float().mean().item(), 1, keep.numel()
+        if self.dynamic_mode == "refill" and not keep.all() and self._can_refill(out):
+            parts, have = [select_rows(out, keep)], int(keep.sum())
+            while have < size and rounds < self.max_sampling_rounds:
+                more = super()._generate_and_score_completions(self._further_prompts(size // g))
+                rounds, generated = rounds + 1, generated + more["advantages"].numel()
+                more_keep = informative_groups(more["advantages"], g)
+                parts.append(select_rows(more, more_keep))
+                have += int(more_keep.sum())
+            filler = select_rows(out, ~keep)  # used only if the rounds ran out
+            merged = merge_batches(parts + [filler], self._tokenizer.pad_token_id)
+            keep = torch.arange(have + filler["advantages"].numel()) < have
+            out = {k: v[:size] for k, v in merged.items()}
+            keep = keep[:size].to(out["advantages"].device)
         out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
         if "tool_mask" in out:
             out["tool_mask"] = out["tool_mask"] * keep.unsqueeze(1).to(out["tool_mask"].dtype)
         loss_mask = out["completion_mask"] * out.get("tool_mask", 1)
         out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        self._metrics["train"]["dynamic_sampling/kept_frac"].append(keep.float().mean().item())
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/kept_frac"].append(kept_frac)
+        metrics["dynamic_sampling/informative_frac"].append(keep.float().mean().item())
+        metrics["dynamic_sampling/rounds"].append(float(rounds))
+        metrics["dynamic_sampling/generated_frac"].append(generated / size)
         return out

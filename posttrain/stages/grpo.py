@@ -8,6 +8,9 @@ the same prompt. Every other knob is TRL's own field under its own name (`beta` 
 reference model, `epsilon`/`epsilon_high` for clip-higher, `loss_type`, `scale_rewards`,
 `mask_truncated_completions`, `temperature`, `use_vllm` + `vllm_mode`, ...).
 
+`objective: grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp` sets one paper's settings
+(posttrain.stages.objectives); any of them stays overridable by its own key.
+
 Run: `posttrain grpo recipes/tiny/grpo.yaml --run demo` (or `make grpo`);
 R1-Zero straight from the base: `posttrain grpo recipes/tiny/grpo_zero.yaml --run demo`.
 """
@@ -27,7 +30,10 @@ from posttrain.stages.common import (
     save_final,
     stage_callbacks,
 )
+from posttrain.stages.objectives import objective as find_objective
 from posttrain.stages.sampling import PromptFields
+
+DYNAMIC_SAMPLING = ("refill", "mask")
 
 
 @dataclasses.dataclass
@@ -37,14 +43,24 @@ class Recipe(PromptFields, BaseRecipe):
     Attributes:
         rewards: Reward name (keys of `posttrain.rewards.REWARDS`) → weight in the total reward.
         reward_kwargs: Reward name → parameters of that reward (e.g. `{cosine: {max_len: 256}}`).
-        dynamic_sampling: DAPO dynamic sampling: groups whose completions all earn the same
-            reward are dropped from the loss (see `posttrain.stages.dynamic_sampling`).
+        objective: An RL objective preset (posttrain.stages.objectives): grpo, dr_grpo, dapo,
+            gspo, cispo, rloo or reinforce_pp; null: TRL's fields as the recipe sets them.
+        dynamic_sampling: DAPO dynamic sampling (posttrain.stages.dynamic_sampling): `refill`
+            (or true) keeps sampling prompts until the batch holds only groups whose rewards
+            differ; `mask` only masks the others out; false: off. Null: the objective's, else off.
+        max_sampling_rounds: Most generations per step under `refill`, the step's own included.
+        overlong_shaping: DAPO's soft overlong punishment: adds the `soft_overlong` reward over
+            the last 20% of `max_completion_length` (unless `rewards` has it). Null: the
+            objective's, else off.
     """
 
     rewards: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     reward_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    dynamic_sampling: bool = False
+    objective: str | None = None
+    dynamic_sampling: bool | str | None = None
+    max_sampling_rounds: int = 4
+    overlong_shaping: bool | None = None
 
     KIND: ClassVar[str] = "grpo"
     TRAINER_CONFIG: ClassVar[str] = "trl.GRPOConfig"
@@ -56,6 +72,7 @@ class Recipe(PromptFields, BaseRecipe):
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "prompt_data", "rewards")
 
     def validate(self) -> None:
+        self._apply_objective()
         super().validate()
         if "reward_weights" in self.trainer:
             raise UserError("reward_weights: give weights by name in `rewards: {accuracy: 1.0, ...}`")
@@ -64,9 +81,57 @@ class Recipe(PromptFields, BaseRecipe):
         if self.trainer.get("beta", 0) < 0:
             raise UserError(f"beta must be >= 0, got {self.trainer['beta']}")
 
+    def _apply_objective(self) -> None:
+        """Resolve the preset's stage fields (recipe keys win) and DAPO's overlong reward."""
+        preset = find_objective(self.objective)
+        stage = preset.stage if preset else {}
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = stage.get("dynamic_sampling", False)
+        if self.dynamic_sampling is True:
+            self.dynamic_sampling = "refill"
+        if self.dynamic_sampling not in (False, *DYNAMIC_SAMPLING):
+            raise UserError(f"dynamic_sampling must be refill, mask or false, got "
+                            f"{self.dynamic_sampling!r}")
+        if self.max_sampling_rounds < 1:
+            raise UserError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        if self.overlong_shaping is None:
+            self.overlong_shaping = stage.get("overlong_shaping", False)
+        if self.overlong_shaping and "soft_overlong" not in self.rewards:
+            length = self.trainer_settings()["max_completion_length"]
+            self.rewards = {**self.rewards, "soft_overlong": 1.0}
+            self.reward_kwargs = {**self.reward_kwargs, "soft_overlong": {
+                "max_len": length, "cache": max(1, length // 5)}}
+        if preset and preset.config != "trl.GRPOConfig" and self.dynamic_sampling:
+            raise UserError(f"objective {self.objective}: dynamic_sampling works with the GRPO "
+                            "trainer's objectives, not this one")
+
+    def trainer_config(self) -> str:
+        preset = find_objective(self.objective)
+        return preset.config if preset else self.TRAINER_CONFIG
+
+    def objective_settings(self) -> dict[str, Any]:
+        """What the preset set: its TRL fields the recipe does not set itself."""
+        preset = find_objective(self.objective)
+        return {k: v for k, v in preset.trainer.items() if k not in self.trainer} if preset else {}
+
+    def values(self) -> dict[str, Any]:
+        return {**super().values(), "objective_settings": self.objective_settings()}
+
     def trainer_settings(self) -> dict[str, Any]:
-        # TRL weighs the reward functions in the order `rewards` lists them.
-        return {**super().trainer_settings(), "reward_weights": list(self.rewards.values())}
+        settings = {**super().trainer_settings(), **self.objective_settings(),
+                    # TRL weighs the reward functions in the order `rewards` lists them.
+                    "reward_weights": list(self.rewards.values())}
+        if self.trainer_config() == self.TRAINER_CONFIG:
+            return settings
+        import dataclasses as dc
+
+        from posttrain.recipe import _import
+        accepted = {f.name for f in dc.fields(_import(self.trainer_config())) if f.init}
+        stray = sorted(k for k in self.trainer if k not in accepted)
+        if stray:
+            raise UserError(f"objective {self.objective}: {', '.join(stray)} is not a field of "
+                            f"{self.trainer_config()}")
+        return {k: v for k, v in settings.items() if k in accepted}
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
@@ -109,10 +174,17 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     model = prepare_model(load_model(ctx.init_path), recipe)
     train = build_prompts(recipe)
     reward_funcs, _ = build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
-    trainer_cls = DynamicSamplingGRPOTrainer if recipe.dynamic_sampling else GRPOTrainer
+    extra: dict[str, Any] = {}
+    if recipe.trainer_config() == "trl.RLOOConfig":
+        from trl import RLOOTrainer as trainer_cls
+    elif recipe.dynamic_sampling:
+        trainer_cls = DynamicSamplingGRPOTrainer
+        extra = {"mode": recipe.dynamic_sampling, "max_sampling_rounds": recipe.max_sampling_rounds}
+    else:
+        trainer_cls = GRPOTrainer
     trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
                           train_dataset=train, processing_class=tokenizer,
-                          callbacks=stage_callbacks(recipe, ctx))
+                          callbacks=stage_callbacks(recipe, ctx), **extra)
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
     tokenizer.padding_side = "left"
     save_final(trainer.model, tokenizer, ctx)
