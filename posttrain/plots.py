@@ -86,15 +86,22 @@ def plot_curves(records: list[dict], panels: list[tuple[str, list[str]]], out: s
 
 
 def plot_reward_curve(log_path: str | Path, out: str | Path, title: str = "") -> Path | None:
-    """GRPO curves: total and per-component reward, reward std / zero-std groups, length, KL."""
+    """GRPO curves: total and per-component reward, reward std / zero-std groups and dynamic
+    sampling, length, KL, and — when generation ran in vLLM — the rollout/trainer mismatch TRL's
+    importance-sampling correction measures (IS ratio, log-prob gap)."""
     records = read_log(log_path)
     components = sorted({k for r in records for k in r
                          if k.startswith("rewards/") and k.endswith("/mean")})
     panels = [
         ("reward", ["reward", *components]),
-        ("spread", ["reward_std", "frac_reward_zero_std", "dynamic_sampling/kept_frac"]),
+        ("spread", ["reward_std", "frac_reward_zero_std", "dynamic_sampling/kept_frac",
+                    "dynamic_sampling/informative_frac"]),
+        ("dynamic sampling", ["dynamic_sampling/rounds", "dynamic_sampling/generated_frac"]),
         ("tokens", ["completions/mean_length"]),
         ("KL / clip", ["kl", "clip_ratio/region_mean"]),
+        ("vLLM vs trainer", ["sampling/importance_sampling_ratio/mean",
+                             "sampling/importance_sampling_ratio/min",
+                             "sampling/sampling_logp_difference/mean"]),
     ]
     return plot_curves(records, panels, out, title)
 

@@ -68,7 +68,10 @@ class Recipe(PromptFields, BaseRecipe):
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
         max_steps=100, learning_rate=1e-5, per_device_train_batch_size=32, num_generations=8,
         max_completion_length=128, temperature=0.7, beta=0.0, loss_type="dapo",
-        lr_scheduler_type="constant", logging_steps=1, save_steps=50, log_completions=False)
+        lr_scheduler_type="constant", logging_steps=1, save_steps=50, log_completions=False,
+        # With vLLM generating, correct for its sampler differing from the trained policy (TRL's
+        # truncated importance sampling; the ratio and log-prob gap are logged and plotted).
+        vllm_importance_sampling_correction=True)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "prompt_data", "rewards")
 
     def validate(self) -> None:
