@@ -47,7 +47,9 @@ def logs_of(manifest, name: str) -> list[dict]:
 
 
 def generated_tokens(records: list[dict], batch: int) -> tuple[float, float]:
-    """Completion tokens generated over training, and the mean generated/batch ratio."""
+    """Completion tokens generated over training, and the mean generated/batch ratio. A record
+    with completion figures is one generation of `batch` (the generation batch: with
+    `steps_per_generation` > 1, several optimizer steps' worth) times its refill factor."""
     steps = [r for r in records if "completions/mean_length" in r]
     fracs = [r.get("dynamic_sampling/generated_frac", 1.0) for r in steps]
     tokens = sum(r["completions/mean_length"] * batch * f for r, f in zip(steps, fracs))
@@ -102,7 +104,9 @@ def main() -> None:
             run_stage("grpo", str(recipe_path), run, over, eval_after=False)
             seconds = time.perf_counter() - start
             p1 = run_eval(Manifest(run), name, suite, progress=False)["arithmetic"]["pass@1"]
-            tokens, frac = generated_tokens(logs_of(Manifest(run), name), batch)
+            plan = Manifest(run).stage(name)["plan"]["trainer"]
+            generation_batch = batch * plan.get("steps_per_generation", 1)
+            tokens, frac = generated_tokens(logs_of(Manifest(run), name), generation_batch)
             results.setdefault(arm, []).append({"gain": p1 - base_p1, "tokens": tokens,
                                                 "seconds": seconds, "generated_frac": frac})
             print(f"  {name}: pass@1 {p1:.3f} (gain {p1 - base_p1:+.3f}), {tokens:.0f} tokens, "

