@@ -31,6 +31,7 @@ SFT_ARGS = ["recipes/tiny/sft.yaml", "--max_steps", "4", "--logging_steps", "1",
 GRPO_ARGS = ["recipes/tiny/grpo.yaml", "--max_steps", "2", "--logging_steps", "1",
              "--save_steps", "1000", "--eval_suite", "null", "--num_generations", "2",
              "--max_completion_length", "12", "--dynamic_sampling", "false", "--top_k", "1",
+             "--steps_per_generation", "1",  # a generation (and its logged reward) every step
              "--prompt_data", "[{task: arithmetic, n: 16, digits: 1}]",
              # tag_count gives partial credit, so the compared rewards are not all zero
              "--rewards", "{accuracy: 1.0, tag_count: 1.0}"]

@@ -12,9 +12,10 @@ from posttrain.errors import UserError
 from posttrain.runner import prepare, run_stage
 from posttrain.stages.dynamic_sampling import informative_groups
 
+# One generation per step (the demo's GSPO preset generates every 4), so every step logs rewards.
 FAST = {"max_steps": "3", "per_device_train_batch_size": "8", "num_generations": "4",
         "max_completion_length": "24", "save_steps": "1000", "eval_suite": "null",
-        "logging_steps": "1"}
+        "logging_steps": "1", "steps_per_generation": "1"}
 
 
 @pytest.mark.slow
@@ -40,7 +41,8 @@ def test_grpo_trains_logs_and_saves(manifest, tiny_run):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"per_device_train_batch_size": "6", "num_generations": "4"}, "divisible by num_generations"),
+    ({"per_device_train_batch_size": "6", "num_generations": "4", "steps_per_generation": "1"},
+     "divisible by num_generations"),
     ({"num_generations": "1"}, "at least 2 generations per prompt"),
     ({"rewards": "{accuracy: 1.0, speling: 0.1}"}, "unknown reward 'speling'"),
     ({"reward_weights": "[1.0]"}, "by name"),

