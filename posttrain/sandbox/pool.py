@@ -69,7 +69,7 @@ def _enter_network_namespace() -> None:
             if unshare is not None:
                 unshare(flags)
                 return
-            if _LIBC is not None and _LIBC.unshare(flags) == 0:
+            if _LIBC and _LIBC[0] is not None and _LIBC[0].unshare(flags) == 0:
                 return
         except OSError:
             continue
@@ -85,7 +85,7 @@ def _load_libc():
         return None
 
 
-_LIBC = _load_libc()
+_LIBC: list = []  # libc for unshare(2) before Python 3.12, loaded when a server first starts
 
 
 class _Server:
@@ -97,6 +97,8 @@ class _Server:
         self.hello: dict = {}
 
     def start(self) -> None:
+        if not _LIBC:  # loaded here, not in the forked child (no imports between fork and exec)
+            _LIBC.append(_load_libc())
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", str(SERVER), self.root, "drop-uid" if self.drop_uid else
              "keep-uid"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, cwd=self.root,

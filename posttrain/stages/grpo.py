@@ -126,10 +126,8 @@ class Recipe(PromptFields, BaseRecipe):
                     "reward_weights": list(self.rewards.values())}
         if self.trainer_config() == self.TRAINER_CONFIG:
             return settings
-        import dataclasses as dc
-
         from posttrain.recipe import _import
-        accepted = {f.name for f in dc.fields(_import(self.trainer_config())) if f.init}
+        accepted = {f.name for f in dataclasses.fields(_import(self.trainer_config())) if f.init}
         stray = sorted(k for k in self.trainer if k not in accepted)
         if stray:
             raise UserError(f"objective {self.objective}: {', '.join(stray)} is not a field of "
