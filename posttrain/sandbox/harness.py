@@ -64,7 +64,7 @@ DENIED = frozenset({
     "mmap.__new__", "pty.spawn", "resource.prlimit", "os.unshare", "os.setns",
     "sys.monitoring.register_callback",
 })
-DENIED_PREFIXES = ("socket.", "ctypes.", "winreg.", "_winapi.", "os.exec", "os.spawn")
+DENIED_PREFIXES = ("socket.", "ctypes.", "winreg.", "_winapi.")
 DENIED_IMPORTS = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "socket",
                             "_socket", "multiprocessing", "_multiprocessing", "pty", "fcntl",
                             "mmap"})

@@ -9,6 +9,7 @@ servers, feeds them jobs in parallel and restarts one that dies.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -69,13 +70,15 @@ def _enter_network_namespace() -> None:
             if unshare is not None:
                 unshare(flags)
                 return
-            if _LIBC and _LIBC[0] is not None and _LIBC[0].unshare(flags) == 0:
+            if _libc() is not None and _libc().unshare(flags) == 0:
                 return
         except OSError:
             continue
 
 
-def _load_libc():
+@functools.cache
+def _libc():
+    """libc, for unshare(2) before Python 3.12 (None where not needed or not found)."""
     if hasattr(os, "unshare") or not sys.platform.startswith("linux"):
         return None
     try:
@@ -85,7 +88,6 @@ def _load_libc():
         return None
 
 
-_LIBC: list = []  # libc for unshare(2) before Python 3.12, loaded when a server first starts
 
 
 class _Server:
@@ -97,8 +99,7 @@ class _Server:
         self.hello: dict = {}
 
     def start(self) -> None:
-        if not _LIBC:  # loaded here, not in the forked child (no imports between fork and exec)
-            _LIBC.append(_load_libc())
+        _libc()  # loaded here, not in the forked child (no imports between fork and exec)
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", str(SERVER), self.root, "drop-uid" if self.drop_uid else
              "keep-uid"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={}, cwd=self.root,
