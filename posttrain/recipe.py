@@ -47,6 +47,9 @@ class Recipe:
         moe_balance: DeepSeek-V3 auxiliary-loss-free balancing for MoE models:
             `{gamma: bias update speed, alpha: sequence-wise balance loss weight}`
             (posttrain.moe_balance); null for none.
+        max_train_seconds: Stop training after this many seconds of wall time (the model is
+            saved as at the end of `max_steps`); null: `max_steps` alone decides. A time budget,
+            e.g. to compare an RL arm with distillation at equal wall time.
     """
 
     stage: str = ""
@@ -60,12 +63,16 @@ class Recipe:
     fp8: bool = False
     ema: dict[str, Any] | None = None
     moe_balance: dict[str, Any] | None = None
+    max_train_seconds: float | None = None
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # Subclasses set these.
     KIND: ClassVar[str] = ""
     # Lazily imported TRL config class path, e.g. "trl.SFTConfig": its fields are accepted.
     TRAINER_CONFIG: ClassVar[str | None] = None
+    # Other configs a recipe may select (`trainer_config()`): their fields are accepted too, and
+    # the stage checks the keys against the one selected.
+    OTHER_TRAINER_CONFIGS: ClassVar[tuple[str, ...]] = ()
     # The stage's defaults for TRL fields (over TRAINER_BASE, under the recipe's own keys).
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = {}
     # Fields the stage requires to be set in the YAML (checked after loading).
@@ -89,7 +96,7 @@ class Recipe:
             raise UserError(f"threads must be >= 1, got {self.threads}")
         # TRL fields every stage shares; 0 or less is a typo the trainer would accept silently
         # (save_steps: 0 trains without ever checkpointing).
-        positive(self, "save_steps", "logging_steps", "eval_steps", "save_total_limit",
+        positive(self, "max_train_seconds", "save_steps", "logging_steps", "eval_steps", "save_total_limit",
                  "gradient_accumulation_steps", "per_device_train_batch_size",
                  "per_device_eval_batch_size", "max_length", "num_train_epochs")
         if self.ema is not None:
@@ -242,10 +249,11 @@ def build_recipe(cls: type[Recipe], data: dict[str, Any], source: str = "recipe"
     own_hints = _type_hints(cls)
     own = {f.name for f in dataclasses.fields(cls) if f.name != "trainer"}
     trainer_hints: dict[str, Any] = {}
-    if cls.TRAINER_CONFIG:
-        tcls = _import(cls.TRAINER_CONFIG)
-        trainer_hints = {f.name: _type_hints(tcls).get(f.name, Any) for f in dataclasses.fields(tcls)
-                         if f.init}
+    for path in reversed((cls.TRAINER_CONFIG, *cls.OTHER_TRAINER_CONFIGS) if cls.TRAINER_CONFIG
+                         else ()):
+        tcls = _import(path)  # the main config last: its types win for a shared field
+        trainer_hints.update({f.name: _type_hints(tcls).get(f.name, Any)
+                              for f in dataclasses.fields(tcls) if f.init})
     kwargs: dict[str, Any] = {}
     trainer: dict[str, Any] = {}
     for key, value in data.items():

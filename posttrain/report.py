@@ -165,16 +165,45 @@ def _image(lines: list[str], path: Path | None, alt: str, run_dir: Path) -> None
         lines += [f"![{alt}]({path.relative_to(run_dir).as_posix()})", ""]
 
 
+def _init_stage(entry: dict[str, Any]) -> str | None:
+    return (((entry.get("plan") or {}).get("refs") or {}).get("init") or {}).get("stage")
+
+
 def distill_names(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], str | None]:
-    """(distilled students, RL-only students, teacher) of the R1 comparison, as far as present."""
+    """(distilled students, RL-only students, teacher) of the R1 comparison, as far as present.
+
+    An RL-only student is a grpo stage named `student_rl*`, or one that starts from the same
+    stage as a distilled student (the shared-init arms of a compute-matched comparison)."""
     students = [n for n, e in stages.items() if e.get("kind") == "distill"]
-    rl = [n for n in stages if n == "student_rl" or n.startswith("student_rl")]
+    inits = {_init_stage(stages[n]) for n in students} - {None}
+    rl = [n for n, e in stages.items() if e.get("kind") == "grpo"
+          and (n.startswith("student_rl") or _init_stage(e) in inits)]
     teacher = None
     for n in students:
         ref = ((stages[n].get("plan") or {}).get("refs") or {}).get("teacher") or {}
         if ref.get("stage") in stages:
             teacher = ref["stage"]
     return students, rl, teacher
+
+
+BUDGET_COLUMNS = ("stage", "method", "init", "steps", "completions", "teacher passes",
+                  "student tokens", "teacher tokens", "wall s")
+
+
+def budget_table(stages: dict[str, dict[str, Any]], names: list[str]) -> str:
+    """What each arm of the comparison spent (its manifest `budget`), one row per stage."""
+    rows = []
+    for n in names:
+        metrics = stages[n].get("metrics") or {}
+        b = metrics.get("budget")
+        if not b:
+            continue
+        method = metrics.get("method") or ("rl_only" if stages[n].get("kind") == "grpo" else "–")
+        rows.append([n, method, _init_stage(stages[n]) or "scratch", str(b["optimizer_steps"]),
+                     str(b["completions"]), str(b["teacher_forward_passes"]),
+                     str(b["student_generated_tokens"]), str(b["teacher_generated_tokens"]),
+                     f"{b['wall_s']:.0f}"])
+    return markdown_table(BUDGET_COLUMNS, rows) if rows else ""
 
 
 def write_report(run: str, root: Path | None = None) -> Path:
@@ -235,9 +264,15 @@ def write_report(run: str, root: Path | None = None) -> Path:
         names = [*students, *rl_students, *([teacher] if teacher else [])]
         labels = {teacher: f"{teacher} (teacher)"} if teacher else {}
         lines += ["## Distillation vs RL", "",
-                  "pass@1 of small dense students distilled from the teacher's verified traces, "
-                  "against the same student trained by RL alone (the DeepSeek-R1 comparison).", "",
+                  "pass@1 of small dense students distilled from the teacher, against the same "
+                  "student trained by RL alone (the DeepSeek-R1 comparison).", "",
                   wide_table(stages, names, labels), ""]
+        budgets = budget_table(stages, [*students, *rl_students])
+        if budgets:
+            lines += ["What each arm spent: optimizer steps, completions trained on, teacher "
+                      "forward passes (sampled traces plus scored sequences), tokens generated, "
+                      "wall time (teacher sampling included). Arms compare like with like only "
+                      "where init, steps and completions match.", "", budgets, ""]
         _image(lines, _pass1_plot(stages, names, plots / "distill_vs_rl.png",
                                   "distilled vs RL-only students"), "distillation vs RL", run_dir)
     out = run_dir / "report.md"

@@ -109,6 +109,10 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
                 "max_length": "128", "precompute_ref_batch_size": "2"},
         "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,
                     "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},
+        # The student generates itself (no packing, no max_length in TRL's DistillationConfig).
+        "distill_on_policy": {**common, "teacher": "grpo", "prompt_data": prompts,
+                              "max_new_tokens": "24", "use_vllm": "false", "max_steps": "2",
+                              "per_device_train_batch_size": "2"},
     }
 
 
@@ -125,8 +129,8 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
     run = f"real-{arch}"
     recipes = ROOT / "recipes" / family
 
-    def stage(kind: str, recipe: str, **extra: str) -> dict:
-        args = {**over[kind], **extra}
+    def stage(kind: str, recipe: str, shrunk: str | None = None, **extra: str) -> dict:
+        args = {**over[shrunk or kind], **extra}
         t = time.time()
         _cli(kind, recipes / recipe, "--run", run,
              *[x for k, v in args.items() for x in (f"--{k}", v)])
@@ -154,6 +158,14 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
     _cli("eval", "--run", run, "--stage", name, "--suite", tmp_path / "suite.yaml")
     figures = Manifest(run).stage(name)["eval"]["smoke"]["gsm8k"]
     assert figures["n_prompts"] == 2 and 0 <= figures["pass@1"] <= 1
+    # The logit methods on the real tokenizer: the teacher scores every token of the traces,
+    # then of the student's own samples (teacher and student share the family's tokenizer).
+    logits = stage("distill", "distill_logits.yaml", init_from=str(init))
+    assert logits["status"] == "done" and logits["metrics"]["budget"]["teacher_scored"] == 4
+    on_policy = stage("distill", "distill_on_policy.yaml", "distill_on_policy", init_from=str(init))
+    assert on_policy["status"] == "done"
+    assert on_policy["metrics"]["budget"]["teacher_samples"] == 0
+    assert on_policy["metrics"]["budget"]["student_generated_tokens"] > 0
 
 
 R1_TEMPLATE = (  # as DeepSeek-R1-Distill templates do: the generation prompt opens the think block

@@ -62,6 +62,7 @@ class FilterStats:
     n_samples: int = 0
     n_kept: int = 0
     right_answers: int = 0
+    generated_tokens: int = 0
     drops: Counter = field(default_factory=Counter)
     kept_per_prompt: Counter = field(default_factory=Counter)
     kept_per_task: Counter = field(default_factory=Counter)
@@ -77,6 +78,7 @@ class FilterStats:
             lo = hi
         return {
             "n_prompts": self.n_prompts, "n_samples": self.n_samples, "n_kept": self.n_kept,
+            "generated_tokens": self.generated_tokens,
             "pass_rate": self.n_kept / max(1, self.n_samples),
             "answer_pass_rate": self.right_answers / max(1, self.n_samples),
             # Of the samples with the right answer, the share whose steps were wrong.
@@ -141,6 +143,7 @@ def filter_samples(rows: list[dict[str, Any]], completions: list[list[Completion
         n_kept = 0
         for c in samples:
             stats.n_samples += 1
+            stats.generated_tokens += c.tokens
             reason = rejection_reason(c, row, cfg)
             if reason in (None, "wrong_steps", "repetitive"):
                 stats.right_answers += 1

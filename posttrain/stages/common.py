@@ -108,6 +108,9 @@ def stage_callbacks(recipe, ctx: StageContext) -> list:
         callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
     callbacks.append(JsonlLogger(ctx.log_path))
     callbacks.append(PlanCallback(ctx.plan))
+    if recipe.max_train_seconds is not None:
+        from posttrain.budget import TimeBudget
+        callbacks.append(TimeBudget(recipe.max_train_seconds))
     from posttrain.checkpoints import ResumeConvertedWeights
     callbacks.append(ResumeConvertedWeights())  # resume: reload what transformers#48805 skips
     if recipe.ema is not None:  # writes stage_dir/ema; save_final moves it

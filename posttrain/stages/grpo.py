@@ -166,6 +166,7 @@ def build_prompts(recipe: Recipe):
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
+    from posttrain.budget import trainer_budget
     from posttrain.models import load_model, load_tokenizer
     from posttrain.plots import plot_reward_curve
     from posttrain.rewards import build_reward_funcs
@@ -193,4 +194,5 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     history = [r for r in trainer.state.log_history if "reward" in r]
     return {"train_loss": out.training_loss, "train_prompts": len(train),
             "reward_first": history[0]["reward"] if history else None,
-            "reward_last": history[-1]["reward"] if history else None}
+            "reward_last": history[-1]["reward"] if history else None,
+            "budget": trainer_budget(trainer, out, ctx.log_path)}
