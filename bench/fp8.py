@@ -1,5 +1,5 @@
 """FP8 (DeepSeek-V3 §3.3) against FP32, side by side: GEMM accuracy, accumulation precision, and
-a training run.
+training at widths where the blocks matter.
 
 1. GEMM: E4M3 blockwise (1x128 activations, 128x128 weights) vs FP32 on Gaussian inputs, as
    DeepGEMM's `calc_diff = 1 − 2Σxy / Σ(x² + y²)`; per-tensor E4M3 next to it for contrast,
@@ -7,12 +7,19 @@ a training run.
 2. Accumulation: the same E4M3 operands summed by an emulated ~14-bit accumulator over all of K,
    vs the same accumulator promoted to FP32 every 128 (N_C), for K = 512 … 16384; error relative
    to a float64 sum.
-3. Training: the tiny MoE SFT stage with `fp8: true` vs without, same seed and data; per-step
-   relative loss difference. The noise floor is the same FP32 run with only the data-order seed
-   (`data_seed`) changed.
+3. Training: a DeepSeek-V3-style MoE (MLA attention, shared + routed experts) whose every FP8
+   GEMM spans several 128-wide tiles and blocks (hidden 512, expert width 256, MLA ranks 256),
+   trained `--steps` steps on language-model batches of the tiny world's task text. Every run
+   sees the identical batch sequence. FP32 against: FP8 (all three GEMMs of every eligible
+   layer); ablations (only Fprop, only Dgrad, only Wgrad in FP8; attention kept in FP32; experts
+   only); and FP8 with the emulated 14-bit accumulator, promoted every 128 and never. The noise
+   floor is FP32 against FP32 from another init seed on the same batches. The figure is the
+   relative difference of the loss averaged over the last 10% of steps; per-step curves go to a
+   PNG. The FP8 GEMMs here are the CPU reference (exact E4M3 products, FP32 per 128-block).
 
-Run: `python bench/fp8.py [--steps 30] [--model-config YAML]`. Last line: `{"gemm_calc_diff": …, "accum_error_ratio":
-…, "loss_rel_diff_mean": …, "seed_noise_rel_diff_mean": …}`.
+Run: `python bench/fp8.py [--steps 300] [--png runs/bench/fp8_loss.png]`. Last line:
+`{"gemm_calc_diff", "accum_error_ratio", "train_hidden_size", "train_steps",
+"loss_rel_diff_last10", "noise_rel_diff_last10", "ablation": {arm: rel diff}}`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +41,24 @@ import torch  # noqa: E402
 from posttrain.fp8 import calc_diff, fp8_gemm, limited_precision_dot, quantize  # noqa: E402
 from posttrain.fp8.quantize import E4M3_MAX, WEIGHT_BLOCK, to_e4m3  # noqa: E402
 
-# The demo MoE widened so every Linear is >= 128 wide (a whole 1x128 tile / 128x128 block).
-# Measured once: loss Δ 1.85% vs seed noise 6.7% (Adam turns FP8 noise in the many tiny
-# gradients of a wider model into full-size update differences; the runs drift apart).
-WIDE = ("{hidden_size: 128, intermediate_size: 256, moe_intermediate_size: 128, kv_lora_rank: 128,"
-        " qk_nope_head_dim: 32, v_head_dim: 32}")
+# Every FP8 GEMM spans >= 2 tiles/blocks along K and N: hidden 512 (q/kv-a, dense and expert
+# up-projections), MLA ranks 256 (kv-b), 4 heads x 64 (o_proj, K 256), experts 256 wide.
+WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=256, q_lora_rank=256,
+            qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+# arm -> FP8Config fields (None: FP32); the order of the table.
+ARMS: dict[str, dict | None] = {
+    "fp32": None,
+    "fp8": {},
+    "fprop_only": {"dgrad": False, "wgrad": False},
+    "dgrad_only": {"fprop": False, "wgrad": False},
+    "wgrad_only": {"fprop": False, "dgrad": False},
+    "attention_fp32": {"keep": ["self_attn"]},
+    "experts_only": {"keep": ["self_attn", "shared_experts", "layers.0.mlp"]},
+    "acc14_promoted": {"accumulator_bits": 14, "promote_every": 128},
+    "acc14_unpromoted": {"accumulator_bits": 14, "promote_every": None},
+}
 
 
 def per_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -91,61 +111,104 @@ def accumulation_table() -> float:
     return ratio_4096
 
 
-def step_losses(stage_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (stage_dir / "logs.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and "train_loss" not in r]
+def lm_batches(steps: int, batch: int, seq: int):
+    """(tokenizer, batches): `steps` fixed batches of `seq` tokens cut from the tiny world's
+    worked arithmetic and countdown text, one token stream, the same for every run."""
+    import tempfile
+
+    from posttrain.data import task_rows
+    from posttrain.models import train_tokenizer
+
+    rows = task_rows({"task": "arithmetic", "n": 6000, "digits": [1, 3]}, 0) + \
+        task_rows({"task": "countdown", "n": 1500, "count": 3}, 0)
+    texts = [f"{r['prompt']} {r['trace']} {r['answer']}" for r in rows]
+    tok = train_tokenizer(texts, Path(tempfile.mkdtemp(prefix="bench-fp8-tok-")))
+    ids = [t for text in texts for t in (*tok(text)["input_ids"], tok.eos_token_id)]
+    need = steps * batch * seq
+    stream = torch.tensor((ids * (need // len(ids) + 1))[:need]).view(steps, batch, seq)
+    return tok, stream
 
 
-def training_table(steps: int, model_config: str) -> tuple[float, float]:
-    from posttrain.runner import run_stage
+def train_curve(tok, batches: torch.Tensor, fp8: dict | None, init_seed: int, lr: float
+                ) -> tuple[list[float], float]:
+    """Per-step training losses of the wide MoE (AdamW, constant lr) and the seconds taken."""
+    from posttrain.fp8 import FP8Config, convert_to_fp8
+    from posttrain.models import build_tiny_model
 
-    os.environ["POSTTRAIN_RUNS_DIR"] = tempfile.mkdtemp(prefix="bench-fp8-")
-    os.chdir(ROOT)
-    run = "bench"
-    run_stage("base", "recipes/tiny/base.yaml", run,
-              {"max_steps": "40", "save_steps": "1000", "eval_suite": "null",
-               "disable_tqdm": "true", "model_config": model_config}, eval_after=False)
-    common = {"max_steps": str(steps), "save_steps": "1000", "eval_suite": "null",
-              "logging_steps": "1", "warmup_steps": "0", "learning_rate": "0.001",
-              "disable_tqdm": "true", "seed": "0", "data_seed": "0"}
-    runs = {"fp32": {}, "fp8": {"fp8": "true"}, "fp32_seed": {"data_seed": "1"}}
-    losses = {}
-    for name, extra in runs.items():
-        entry = run_stage("sft", "recipes/tiny/sft.yaml", run, {**common, **extra, "name": name},
-                          eval_after=False)
-        losses[name] = step_losses(Path(entry["output_dir"]).parent)
-    ref = losses["fp32"]
+    model = build_tiny_model("deepseek_v3", tok, seed=init_seed, **WIDE)
+    if fp8 is not None:
+        convert_to_fp8(model, FP8Config.parse(fp8))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses, start = [], time.perf_counter()
+    for x in batches:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses, time.perf_counter() - start
 
-    def rel(other: list[float]) -> list[float]:
-        return [abs(o - r) / r for o, r in zip(other, ref)]
 
-    fp8, noise = rel(losses["fp8"]), rel(losses["fp32_seed"])
-    print(f"\nTraining  tiny MoE SFT, {steps} steps: loss per step and |Δ| / loss_fp32")
-    print(f"{'step':>5}{'fp32':>9}{'fp8':>9}{'fp32 seed':>11}{'fp8 Δ':>9}{'seed Δ':>9}")
-    for i, r in enumerate(ref):
-        print(f"{i + 1:>5}{r:>9.4f}{losses['fp8'][i]:>9.4f}{losses['fp32_seed'][i]:>11.4f}"
-              f"{fp8[i]:>9.2%}{noise[i]:>9.2%}")
-    mean_fp8, mean_noise = sum(fp8) / len(fp8), sum(noise) / len(noise)
-    print(f"{'mean':>5}{'':>29}{mean_fp8:>9.2%}{mean_noise:>9.2%}")
-    return mean_fp8, mean_noise
+def last10(losses: list[float]) -> float:
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)
+
+
+def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms: list[str]
+                   ) -> tuple[float, float, dict[str, float]]:
+    from posttrain.models import build_tiny_model, count_params
+    from posttrain.plots import plot_panels
+
+    tok, batches = lm_batches(steps, batch, seq)
+    params = count_params(build_tiny_model("deepseek_v3", tok, **WIDE))
+    print(f"\nTraining  DeepSeek-V3-style MoE, {params / 1e6:.1f}M params, hidden "
+          f"{WIDE['hidden_size']}, experts {WIDE['moe_intermediate_size']} wide, {steps} steps x "
+          f"{batch} x {seq} tokens, identical batches")
+    curves, seconds = {}, {}
+    for arm in ["fp32", "fp32_init1", *arms]:
+        if arm in curves:
+            continue
+        fp8 = None if arm == "fp32_init1" else ARMS[arm]
+        curves[arm], seconds[arm] = train_curve(tok, batches, fp8, 1 if arm == "fp32_init1" else 0, lr)
+        print(f"  {arm}: last-10% loss {last10(curves[arm]):.4f} ({seconds[arm]:.0f}s)", flush=True)
+    ref = last10(curves["fp32"])
+    rel = {arm: abs(last10(c) - ref) / ref for arm, c in curves.items() if arm != "fp32"}
+    print(f"\n{'arm':<18}{'last-10% loss':>14}{'rel. diff':>11}{'s':>7}")
+    for arm, c in curves.items():
+        diff = "" if arm == "fp32" else f"{rel[arm]:.3%}"
+        print(f"{arm:<18}{last10(c):>14.4f}{diff:>11}{seconds[arm]:>7.0f}")
+    xs = list(range(1, steps + 1))
+    out = plot_panels([("loss", {a: (xs, c) for a, c in curves.items()}),
+                       ("loss - fp32", {a: (xs, [v - r for v, r in zip(c, curves["fp32"])])
+                                        for a, c in curves.items() if a != "fp32"})],
+                      png, title="FP8 vs FP32 training loss, identical batches", cols=2)
+    print(f"per-step curves: {out}")
+    return rel["fp8"], rel["fp32_init1"], {a: round(v, 5) for a, v in rel.items()
+                                           if a not in ("fp8", "fp32_init1")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--model-config", default="{}",
-                   help=f"tiny MoE overrides (YAML mapping), e.g. {WIDE!r} for every Linear "
-                        ">= 128 wide; default: the demo model, its sub-128 dims padded")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--arms", default=",".join(a for a in ARMS if a != "fp32"))
+    p.add_argument("--png", default=str(ROOT / "runs" / "bench" / "fp8_loss.png"))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = p.parse_args()
     from posttrain import runtime
-    runtime.configure()
+    runtime.configure(args.threads)
     runtime.quiet()
     gemm = gemm_table()
     ratio = accumulation_table()
-    loss_diff, noise = training_table(args.steps, args.model_config)
+    loss_diff, noise, ablation = training_table(args.steps, args.batch, args.seq, args.lr,
+                                                Path(args.png), args.arms.split(","))
     print(json.dumps({"gemm_calc_diff": round(gemm, 6), "accum_error_ratio": round(ratio, 1),
-                      "loss_rel_diff_mean": round(loss_diff, 5),
-                      "seed_noise_rel_diff_mean": round(noise, 5)}))
+                      "train_hidden_size": WIDE["hidden_size"], "train_steps": args.steps,
+                      "loss_rel_diff_last10": round(loss_diff, 5),
+                      "noise_rel_diff_last10": round(noise, 5), "ablation": ablation}))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ class Recipe:
         system_prompt: System turn put before every prompt; `auto`: the answer format's (the
             tag instruction for `tags`, none for `boxed`, as R1 prompts); null for none.
         fp8: Train the eligible Linear layers and routed experts in DeepSeek-V3-style
-            fine-grained FP8 (posttrain.fp8); embeddings, head, routers and norms stay as they are.
+            fine-grained FP8 (posttrain.fp8) from FP32 master weights; embeddings, head, routers
+            and norms stay as they are. A mapping picks GEMMs, layers kept in high precision and
+            an emulated accumulator (`posttrain.fp8.FP8Config`), e.g. `{wgrad: false}`.
         ema: Keep an EMA of the trainable weights in CPU memory and save it to
             `<model_dir>/ema/`, e.g. `{decay: 0.999, every: 1}` (posttrain.ema); null for none.
         moe_balance: DeepSeek-V3 auxiliary-loss-free balancing for MoE models:
@@ -60,7 +62,7 @@ class Recipe:
     eval_suite: str | None = "eval/tiny.yaml"
     answer_format: str = "tags"
     system_prompt: str | None = "auto"
-    fp8: bool = False
+    fp8: bool | dict[str, Any] = False
     ema: dict[str, Any] | None = None
     moe_balance: dict[str, Any] | None = None
     max_train_seconds: float | None = None
@@ -99,6 +101,9 @@ class Recipe:
         positive(self, "max_train_seconds", "save_steps", "logging_steps", "eval_steps", "save_total_limit",
                  "gradient_accumulation_steps", "per_device_train_batch_size",
                  "per_device_eval_batch_size", "max_length", "num_train_epochs")
+        if self.fp8 is not False:
+            from posttrain.fp8 import FP8Config
+            FP8Config.parse(self.fp8)
         if self.ema is not None:
             from posttrain.ema import EMAConfig
             EMAConfig.parse(self.ema)

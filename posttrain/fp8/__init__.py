@@ -1,12 +1,13 @@
 """DeepSeek-V3-style fine-grained FP8: quantization (quantize), blockwise GEMM (gemm), training
 layers (linear) and the FP8 checkpoint format (checkpoint).
 
-`fp8: true` in a recipe calls `convert_to_fp8` on the stage's model (posttrain.stages.common).
+`fp8: true` (or `fp8: {...}`, an `FP8Config`) in a recipe calls `convert_to_fp8` on the stage's
+model (posttrain.stages.common), which loads it with FP32 master weights.
 """
 
 from posttrain.fp8.gemm import calc_diff, fp8_gemm, gemm_reference, limited_precision_dot
-from posttrain.fp8.linear import FP8Experts, FP8Linear, convert_to_fp8, fp8_linear
+from posttrain.fp8.linear import FP8Config, FP8Experts, FP8Linear, convert_to_fp8, fp8_linear
 from posttrain.fp8.quantize import FP8Tensor, quantize, quantize_weight
 
-__all__ = ["FP8Experts", "FP8Linear", "FP8Tensor", "calc_diff", "convert_to_fp8", "fp8_gemm",
+__all__ = ["FP8Config", "FP8Experts", "FP8Linear", "FP8Tensor", "calc_diff", "convert_to_fp8", "fp8_gemm",
            "fp8_linear", "gemm_reference", "limited_precision_dot", "quantize", "quantize_weight"]

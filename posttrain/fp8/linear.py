@@ -9,74 +9,154 @@ fine-grained scales, FP32 master weights, as in DeepSeek-V3 §3.3.
 `convert_to_fp8(model)` swaps the eligible Linear layers and the routed experts of a
 DeepSeek-V3-style MoE; the embedding, output head, MoE router, norms and the attention operator
 itself stay in high precision, as in the paper. State-dict keys do not change, so the converted
-model saves and loads as the original architecture.
+model saves and loads as the original architecture. An `FP8Config` says which of the three GEMMs
+run in FP8, which more layers stay in high precision, and whether the reference GEMM emulates a
+limited-precision accumulator (the ablations of bench/fp8.py; a recipe's `fp8: {...}`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
-from posttrain.fp8.gemm import fp8_gemm
-from posttrain.fp8.quantize import TILE, quantize, quantize_weight, retile_columns
+from posttrain.errors import UserError
+from posttrain.fp8.gemm import fp8_gemm, limited_precision_dot
+from posttrain.fp8.quantize import TILE, FP8Tensor, quantize, quantize_weight, retile_columns
 
 # Module names kept in high precision (the output head, routers, value/score heads).
 KEEP_HIGH_PRECISION = ("lm_head", "mlp.gate", "score", "v_head")
 
 
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+    """What trains in FP8 (default: DeepSeek-V3's choice, all three GEMMs of every eligible layer).
+
+    Attributes:
+        fprop: `y = x·Wᵀ` in FP8 (else FP32).
+        dgrad: `dx = dy·W` in FP8.
+        wgrad: `dW = dyᵀ·x` in FP8.
+        keep: More module names (or name suffixes, e.g. `self_attn.q_proj`, or a part such as
+            `self_attn`) kept in high precision, on top of the head, routers and score heads.
+        accumulator_bits: Emulate a tensor-core accumulator that keeps this many significant
+            bits (about 14 on H800) in the reference GEMM; null: exact FP32 sums per 128-block.
+        promote_every: With `accumulator_bits`: flush the limited accumulator into FP32 every
+            this many K (DeepSeek-V3's N_C = 128); null: never (the whole K accumulates limited).
+    """
+
+    fprop: bool = True
+    dgrad: bool = True
+    wgrad: bool = True
+    keep: tuple[str, ...] = ()
+    accumulator_bits: int | None = None
+    promote_every: int | None = 128
+
+    @classmethod
+    def parse(cls, value: Any) -> FP8Config:
+        """From a recipe's `fp8:` (true, or a mapping of these fields); UserError otherwise."""
+        if value is True:
+            return cls()
+        if not isinstance(value, dict):
+            raise UserError(f"fp8: expected true, false or a mapping, got {value!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise UserError(f"fp8: unknown key {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+        out = cls(**{**value, "keep": tuple(value.get("keep", ()))})
+        if out.accumulator_bits is not None and not 2 <= out.accumulator_bits <= 24:
+            raise UserError(f"fp8: accumulator_bits must be in [2, 24], got {out.accumulator_bits}")
+        if out.promote_every is not None and (out.promote_every <= 0 or out.promote_every % 32):
+            raise UserError(f"fp8: promote_every must be a positive multiple of 32, got "
+                            f"{out.promote_every}")
+        return out
+
+
+def _gemm(a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype, config: FP8Config) -> torch.Tensor:
+    """FP8 `A @ Bᵀ`, through the emulated limited accumulator when the config asks for it."""
+    if config.accumulator_bits is None:
+        return fp8_gemm(a, b, out_dtype=out_dtype)
+    # Dequantized operands multiply to the block-scaled products the accumulator sums.
+    return limited_precision_dot(a.dequantize(), b.dequantize(), bits=config.accumulator_bits,
+                                 promote_every=config.promote_every).to(out_dtype)
+
+
 class _FP8LinearFn(torch.autograd.Function):
-    """`x @ wᵀ` with all three GEMMs in FP8; returns grads in the dtypes of x and w."""
+    """`x @ wᵀ` with the config's GEMMs in FP8; returns grads in the dtypes of x and w."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, config: FP8Config) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xq = quantize(x2, TILE)
         wq = quantize_weight(weight)
-        y = fp8_gemm(xq, wq, out_dtype=x.dtype)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        if config.fprop:
+            y = _gemm(xq, wq, x.dtype, config)
+        else:
+            y = (x2.float() @ weight.float().t()).to(x.dtype)
+        ctx.config = config
+        # Backward reads what the paper caches: the FP8 activations (Wgrad) and weight (Dgrad);
+        # a GEMM left in high precision keeps its operand in high precision instead.
+        keep_x = x2 if not config.wgrad else torch.empty(0)
+        keep_w = weight if not config.dgrad else torch.empty(0)
+        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, keep_x, keep_w)
         ctx.meta = (xq.shape, wq.shape, x.dtype, weight.dtype, shape)
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        from posttrain.fp8.quantize import WEIGHT_BLOCK, FP8Tensor
+        from posttrain.fp8.quantize import WEIGHT_BLOCK
 
-        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        x_data, x_scale, w_data, w_scale, x_hp, w_hp = ctx.saved_tensors
         x_shape, w_shape, x_dtype, w_dtype, shape = ctx.meta
+        config = ctx.config
         xq = FP8Tensor(x_data, x_scale, x_shape, TILE)
         wq = FP8Tensor(w_data, w_scale, w_shape, WEIGHT_BLOCK)
         gy = grad_out.reshape(-1, w_shape[0])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = fp8_gemm(quantize(gy, TILE), wq.t(), out_dtype=x_dtype).view(shape)
+            if config.dgrad:
+                grad_x = _gemm(quantize(gy, TILE), wq.t(), x_dtype, config)
+            else:
+                grad_x = (gy.float() @ w_hp.float()).to(x_dtype)
+            grad_x = grad_x.view(shape)
         if ctx.needs_input_grad[1]:
-            gy_t = quantize(gy.t(), TILE)            # dy in 128x1 tiles (1x128 of dyᵀ)
-            grad_w = fp8_gemm(gy_t, retile_columns(xq), out_dtype=torch.float32).to(w_dtype)
-        return grad_x, grad_w
+            if config.wgrad:
+                gy_t = quantize(gy.t(), TILE)            # dy in 128x1 tiles (1x128 of dyᵀ)
+                grad_w = _gemm(gy_t, retile_columns(xq), torch.float32, config).to(w_dtype)
+            else:
+                grad_w = (gy.float().t() @ x_hp.float()).to(w_dtype)
+        return grad_x, grad_w, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
+DEFAULT = FP8Config()
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               config: FP8Config = DEFAULT) -> torch.Tensor:
     """Functional FP8 `F.linear`."""
-    y = _FP8LinearFn.apply(x, weight)
+    y = _FP8LinearFn.apply(x, weight, config)
     return y + bias if bias is not None else y
 
 
 class FP8Linear(nn.Linear):
     """`nn.Linear` whose GEMMs run in FP8; the weight stays an FP32 (master) parameter."""
 
+    fp8_config: FP8Config = DEFAULT
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias)
+        return fp8_linear(x, self.weight, self.bias, self.fp8_config)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, config: FP8Config = DEFAULT) -> FP8Linear:
         """Same parameters (shared, not copied) behind an FP8 forward."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
         new.bias = linear.bias
+        new.fp8_config = config
         return new
 
 
@@ -88,8 +168,9 @@ class FP8Experts(nn.Module):
     checkpoints and the optimizer see no change.
     """
 
-    def __init__(self, experts: nn.Module):
+    def __init__(self, experts: nn.Module, config: FP8Config = DEFAULT):
         super().__init__()
+        self.fp8_config = config
         self.num_experts = experts.num_experts
         self.gate_up_proj = experts.gate_up_proj
         self.down_proj = experts.down_proj
@@ -107,14 +188,17 @@ class FP8Experts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tok = torch.where(mask[e])
-            gate, up = fp8_linear(hidden_states[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = fp8_linear(self.act_fn(gate) * up, self.down_proj[e])
+            gate, up = fp8_linear(hidden_states[tok], self.gate_up_proj[e],
+                                  config=self.fp8_config).chunk(2, dim=-1)
+            h = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], config=self.fp8_config)
             out.index_add_(0, tok, (h * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
 
 
-def _keep(name: str) -> bool:
-    return any(name == k or name.endswith("." + k) for k in KEEP_HIGH_PRECISION)
+def _keep(name: str, extra: tuple[str, ...] = ()) -> bool:
+    """Kept in high precision: a listed name, a name ending in one, or a module inside one."""
+    return any(name == k or name.endswith("." + k) or f".{k}." in f".{name}."
+               for k in (*KEEP_HIGH_PRECISION, *extra))
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -125,18 +209,18 @@ def _is_fused_experts(module: nn.Module) -> bool:
             and getattr(module, "gate_up_proj_bias", None) is None)
 
 
-def convert_to_fp8(model: nn.Module) -> dict[str, int]:
+def convert_to_fp8(model: nn.Module, config: FP8Config = DEFAULT) -> dict[str, int]:
     """Swap eligible layers of `model` in place; returns counts of what was swapped."""
     counts = {"linear": 0, "experts": 0}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if _keep(full) or isinstance(child, (FP8Linear, FP8Experts)):
+            if _keep(full, config.keep) or isinstance(child, (FP8Linear, FP8Experts)):
                 continue
             if type(child) is nn.Linear:
-                setattr(module, child_name, FP8Linear.from_linear(child))
+                setattr(module, child_name, FP8Linear.from_linear(child, config))
                 counts["linear"] += 1
             elif _is_fused_experts(child):
-                setattr(module, child_name, FP8Experts(child))
+                setattr(module, child_name, FP8Experts(child, config))
                 counts["experts"] += 1
     return counts

@@ -81,6 +81,14 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def load_trainable(path: str, recipe):
+    """The model a stage trains: FP32 master weights under `fp8` (DeepSeek-V3 §3.3: the FP8
+    GEMMs read quantized copies, the optimizer updates FP32 weights), else `load_model`'s
+    default (bf16 on a GPU, where TRL's `bf16` trains it)."""
+    from posttrain.models import load_model
+    return load_model(path, dtype="float32" if recipe.fp8 else "auto")
+
+
 def prepare_model(model, recipe):
     """Hook every stage calls on its freshly loaded model before training (e.g. FP8 layer swap).
 
@@ -92,8 +100,8 @@ def prepare_model(model, recipe):
             raise UserError(f"moe_balance needs a DeepSeek-V3-style MoE (routers with "
                             f"e_score_correction_bias); {type(model).__name__} has none")
     if recipe.fp8:
-        from posttrain.fp8 import convert_to_fp8
-        counts = convert_to_fp8(model)
+        from posttrain.fp8 import FP8Config, convert_to_fp8
+        counts = convert_to_fp8(model, FP8Config.parse(recipe.fp8))
         print(f"[posttrain] fp8: {counts['linear']} Linear layers and {counts['experts']} expert "
               f"groups train in FP8", flush=True)
     return model

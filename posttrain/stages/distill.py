@@ -34,6 +34,7 @@ from posttrain.stages import distill_methods as methods
 from posttrain.stages.common import (
     StageContext,
     last_checkpoint,
+    load_trainable,
     prepare_model,
     save_final,
     stage_callbacks,
@@ -186,13 +187,13 @@ def vocab_width(path: str) -> int:
 
 def build_student(recipe: Recipe, ctx: StageContext):
     """(model, tokenizer): a fresh tiny student with the teacher's tokenizer, or `init_from`."""
-    from posttrain.models import build_tiny_model, count_params, load_model, load_tokenizer
+    from posttrain.models import build_tiny_model, count_params, load_tokenizer
     if recipe.student:
         tokenizer = load_tokenizer(ctx.plan.ref_path("teacher"))
         model = build_tiny_model(recipe.student.partition(":")[2], tokenizer, seed=recipe.seed,
                                  **recipe.student_config)
     else:
-        tokenizer, model = load_tokenizer(ctx.init_path), load_model(ctx.init_path)
+        tokenizer, model = load_tokenizer(ctx.init_path), load_trainable(ctx.init_path, recipe)
     print(f"[posttrain] student {recipe.student or ctx.init_path}: "
           f"{count_params(model) / 1e6:.2f}M params", file=sys.stderr)
     return model, tokenizer

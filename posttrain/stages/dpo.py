@@ -25,6 +25,7 @@ from posttrain.recipe import positive
 from posttrain.stages.common import (
     StageContext,
     last_checkpoint,
+    load_trainable,
     prepare_model,
     save_final,
     stage_callbacks,
@@ -152,12 +153,12 @@ def preference_data(recipe: Recipe, ctx: StageContext):
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from trl import DPOTrainer
 
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import load_tokenizer
     from posttrain.plots import plot_dpo_curves, read_log
 
     pairs, stats = preference_data(recipe, ctx)
     tokenizer = load_tokenizer(ctx.init_path)
-    model = prepare_model(load_model(ctx.init_path), recipe)
+    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
     try:
         trainer = DPOTrainer(model=model, args=ctx.plan.args, train_dataset=pairs,
                              processing_class=tokenizer, peft_config=lora_config(recipe),

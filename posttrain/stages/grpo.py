@@ -26,6 +26,7 @@ from posttrain.recipe import positive
 from posttrain.stages.common import (
     StageContext,
     last_checkpoint,
+    load_trainable,
     prepare_model,
     save_final,
     stage_callbacks,
@@ -167,13 +168,13 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from posttrain.budget import trainer_budget
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import load_tokenizer
     from posttrain.plots import plot_reward_curve
     from posttrain.rewards import build_reward_funcs
     from posttrain.stages.dynamic_sampling import DynamicSamplingGRPOTrainer
 
     tokenizer = load_tokenizer(ctx.init_path)
-    model = prepare_model(load_model(ctx.init_path), recipe)
+    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
     train = build_prompts(recipe)
     reward_funcs, _ = build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
     extra: dict[str, Any] = {}

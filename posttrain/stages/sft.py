@@ -21,6 +21,7 @@ from posttrain.recipe import positive
 from posttrain.stages.common import (
     StageContext,
     last_checkpoint,
+    load_trainable,
     prepare_model,
     save_final,
     stage_callbacks,
@@ -83,11 +84,11 @@ def train_rows(recipe: Recipe, args):
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from trl import SFTTrainer
 
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(ctx.init_path)
     tokenizer.padding_side = "right"
-    model = prepare_model(load_model(ctx.init_path), recipe)
+    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
     train, lengths = fit_to_length(train_rows(recipe, ctx.plan.args), tokenizer,
                                    ctx.plan.args.max_length, recipe.overlong)
     try:
