@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 STAGES := base sft grpo rejection dpo
-.PHONY: install test test-fast demo eval status report bench lint clean distill $(STAGES)
+.PHONY: install test test-fast demo eval status report bench gpu-check lint clean distill $(STAGES)
 
 # Idempotent: re-installs only when pyproject.toml changed since the last install.
 install: $(VENV)/.installed
@@ -62,6 +62,11 @@ report: install
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# On a CUDA machine: cuBLAS FP8, FP32 master weights, GPU eval, vLLM vs HF, colocated GRPO, the
+# EMA's overlap (<= 8 min). Elsewhere it says so in one line and succeeds.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 lint: install
 	$(BIN)/ruff check posttrain tests bench

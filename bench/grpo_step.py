@@ -26,8 +26,15 @@ What makes the comparison honest, and why each piece is here:
   the median over rounds is reported: one round hit by a neighbour's burst moves it little
   (pooled medians per side are in the table too).
 
+Dynamic sampling: a third side runs the stage with `dynamic_sampling: refill` (DAPO, posttrain's
+own: TRL has none, so it has no plain counterpart). Its steps generate more (up to
+`max_sampling_rounds` batches while groups are flat, as every group of this random-weight policy
+is), so it is reported per step and per generated completion against the plain side:
+`refill_per_generation_ratio` near 1 means refill costs its extra generation and nothing else.
+
 Run: `POSTTRAIN_THREADS=1 python bench/grpo_step.py [--steps 12] [--rounds 6] [--warmup 2]`.
-Last line: `{"grpo_step_ratio": ...}` (posttrain / plain seconds per step; goal <= 1.05).
+Last line: `{"grpo_step_ratio": ..., "refill_step_ratio": ..., "refill_generated_frac": ...,
+"refill_per_generation_ratio": ...}` (posttrain / plain seconds per step; goal <= 1.05).
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class StepTimer(TrainerCallback):
         self.stamps: list[float] = []
         self.lengths: list[float] = []
         self.rollouts: list[tuple[float, float]] = []  # (num_tokens, reward) per logged step
+        self.generated: list[float] = []  # completions generated per step / batch (refill)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None,
                        train_dataloader=None, **kwargs):
@@ -107,6 +115,7 @@ class StepTimer(TrainerCallback):
         if logs and "completions/mean_length" in logs:
             self.lengths.append(logs["completions/mean_length"])
             self.rollouts.append((logs.get("num_tokens"), logs.get("reward")))
+            self.generated.append(logs.get("dynamic_sampling/generated_frac", 1.0))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stamps.append(time.perf_counter())  # the last step's logging ends here
@@ -165,8 +174,10 @@ def run_plain(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> None
     trainer.train()
 
 
-def run_posttrain(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> None:
-    """The same through the stage: recipe YAML → run_stage (preflight, manifest, final save)."""
+def run_posttrain(model_dir: Path, work: Path, steps: int, timer: StepTimer,
+                  extra: dict[str, Any] | None = None) -> None:
+    """The same through the stage: recipe YAML → run_stage (preflight, manifest, final save);
+    `extra`: posttrain recipe keys on top (dynamic sampling)."""
     import yaml
 
     import posttrain.stages.grpo as grpo_stage
@@ -178,7 +189,8 @@ def run_posttrain(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> 
     recipe.write_text(yaml.safe_dump({
         "stage": "grpo", "init_from": str(model_dir), "prompt_data": [PROMPTS], "rewards": REWARDS,
         "eval_suite": None, "max_steps": steps, "seed": SEED,
-        "threads": int(os.environ.get("POSTTRAIN_THREADS", 0)) or None, **SETTINGS}))
+        "threads": int(os.environ.get("POSTTRAIN_THREADS", 0)) or None, **SETTINGS,
+        **(extra or {})}))
     # The timer rides after the stage's own callbacks; everything else is the stage as shipped.
     own = grpo_stage.stage_callbacks
     grpo_stage.stage_callbacks = lambda *a, **k: [*own(*a, **k), timer]
@@ -193,6 +205,12 @@ def _trainer_chatter_to_stderr() -> Iterator[None]:
     """Both trainers print a log dict per step; stdout is kept for the table and the JSON line."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
+
+
+def run_refill(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> None:
+    """The stage with DAPO dynamic sampling, refilling flat groups for up to 4 rounds."""
+    run_posttrain(model_dir, work, steps, timer,
+                  {"dynamic_sampling": "refill", "max_sampling_rounds": 4})
 
 
 def check_same_work(plain: StepTimer, ours: StepTimer) -> None:
@@ -224,11 +242,14 @@ def print_report(timers: dict[str, list[StepTimer]], walls: dict[str, list[float
     """The table, then the JSON line. The ratio pairs the two runs of each round (adjacent in
     time, so under the same machine load) and takes the median over rounds."""
     rows = {name: summarise(timers[name], walls[name], args.warmup) for name in timers}
-    plain, ours = rows.values()
+    plain, ours, refill = rows.values()
     rounds = [o / p for o, p in zip(ours["runs"], plain["runs"])]
     rounds_tok = [o / p for o, p in zip(ours["per_token"], plain["per_token"])]
     ratio, token_ratio = statistics.median(rounds), statistics.median(rounds_tok)
-    same = all(a.rollouts == b.rollouts for a, b in zip(*timers.values()))
+    same = all(a.rollouts == b.rollouts for a, b in zip(*list(timers.values())[:2]))
+    refill_rounds = [r / p for r, p in zip(refill["runs"], plain["runs"])]
+    refill_ratio = statistics.median(refill_rounds)
+    generated = statistics.mean(g for t in list(timers.values())[2] for g in t.generated)
 
     print(f"\nGRPO step time, tiny qwen2, {SETTINGS['per_device_train_batch_size']} completions/"
           f"step (G={SETTINGS['num_generations']}, exactly {MAX_LEN} tokens each, "
@@ -244,7 +265,12 @@ def print_report(timers: dict[str, list[StepTimer]], walls: dict[str, list[float
           f"{'yes' if same else 'no (seeded sampling diverged; lengths are still forced equal)'}")
     print(f"{'ratio posttrain/plain':<24}{ratio:>11.3f}   per token {token_ratio:.3f}   "
           f"(median over rounds; goal <= 1.05; configs, weights, tokenizer, prompts checked equal)")
+    print(f"{'refill/plain per step':<24}{refill_ratio:>11.3f}   generated {generated:.2f}x the "
+          f"batch per step, so per generated completion {refill_ratio / generated:.3f}")
     print(json.dumps({"grpo_step_ratio": round(ratio, 4), "grpo_token_ratio": round(token_ratio, 4),
+                      "refill_step_ratio": round(refill_ratio, 4),
+                      "refill_generated_frac": round(generated, 3),
+                      "refill_per_generation_ratio": round(refill_ratio / generated, 4),
                       "plain_s_per_step": round(plain["med"], 4),
                       "posttrain_s_per_step": round(ours["med"], 4),
                       "plain_mean_completion_len": round(plain["length"], 2),
@@ -266,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     from trl import GRPOTrainer  # noqa: F401
 
     import posttrain.runner  # noqa: F401
-    sides = {"plain TRL GRPOTrainer": run_plain, "posttrain grpo": run_posttrain}
+    sides = {"plain TRL GRPOTrainer": run_plain, "posttrain grpo": run_posttrain,
+             "posttrain grpo refill": run_refill}
     timers: dict[str, list[StepTimer]] = {name: [] for name in sides}
     walls: dict[str, list[float]] = {name: [] for name in sides}
     t0 = time.time()
@@ -275,18 +302,20 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = build_model(work / "model")
         order = list(sides)
         for r in range(args.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):  # A B, B A, A B, ...
+            for name in (order if r % 2 == 0 else order[::-1]):  # A B C, C B A, ...
                 timer = StepTimer()
                 start = time.perf_counter()
                 with _trainer_chatter_to_stderr():
-                    sides[name](model_dir, work / f"{name.split()[0]}{r}", args.steps, timer)
+                    sides[name](model_dir, work / f"{name.replace(' ', '_')}{r}", args.steps, timer)
                 walls[name].append(time.perf_counter() - start)
                 timers[name].append(timer)
                 print(f"[bench] round {r + 1}/{args.rounds} {name}: "
                       f"{statistics.median(timer.step_times(args.warmup)):.3f} s/step",
                       file=sys.stderr, flush=True)
-    for a, b in zip(*timers.values()):
-        check_same_work(a, b)
+    names = list(timers)
+    for other in names[1:]:
+        for a, b in zip(timers[names[0]], timers[other]):
+            check_same_work(a, b)
 
     print_report(timers, walls, args, threads, time.time() - t0)
     return 0

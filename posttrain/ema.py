@@ -1,9 +1,9 @@
 """EMA of the trainable weights in CPU memory, updated in the background (DeepSeek-V3 §3.2.3).
 
 After every `every` optimizer steps the loop only snapshots the weights into a preallocated CPU
-buffer (a copy, non-blocking from a GPU) and hands it to a worker thread, which folds it into the
-FP32 EMA: `ema ← decay · ema + (1 − decay) · θ`. The loop waits only if the worker is two snapshots
-behind. The EMA costs no GPU memory and is saved at the end as its own HF checkpoint, which
+buffer (a copy, non-blocking from a GPU into pinned memory, ordered by a CUDA event) and hands it to
+a worker thread, which folds it into the FP32 EMA: `ema ← decay · ema + (1 − decay) · θ`, on one
+core. The loop waits only if the worker is two snapshots behind. The EMA costs no GPU memory and is saved at the end as its own HF checkpoint, which
 `save_final` moves to `<model_dir>/ema/` (evaluate it with `posttrain eval ... --weights ema`).
 
 Recipe: `ema: {decay: 0.999, every: 1}`. Starts from the weights at the start of training; a
@@ -54,6 +54,19 @@ class EMAConfig:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise UserError(f"ema.every must be an integer >= 1, got {every!r}")
         return cls(float(decay), every)
+
+
+# torch runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE).
+GRAIN = 32768
+
+
+def fold(avg: torch.Tensor, new: torch.Tensor, weight: float) -> None:
+    """`avg ← avg + weight · (new − avg)` in slices under torch's parallel grain, so the worker
+    uses one core: torch's intra-op thread count is process-wide, and a worker running on all of
+    them would take the training loop's cores (measured: bench/ema.py)."""
+    flat_avg, flat_new = avg.view(-1), new.reshape(-1)
+    for i in range(0, flat_avg.numel(), GRAIN):
+        flat_avg[i:i + GRAIN].lerp_(flat_new[i:i + GRAIN].float(), weight)
 
 
 class EMACallback(TrainerCallback):
@@ -115,8 +128,8 @@ class EMACallback(TrainerCallback):
                 if event is not None:
                     event.synchronize()
                 with torch.no_grad():
-                    new = [buf[n].float() for n in self.ema]   # a no-op for FP32 weights
-                    torch._foreach_lerp_(list(self.ema.values()), new, weight)
+                    for name, avg in self.ema.items():
+                        fold(avg, buf[name], weight)
                 self.updates += 1
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
                 self._error = e

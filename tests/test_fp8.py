@@ -164,3 +164,66 @@ def test_cuda_blockwise_path_matches_reference(a_block, b_block):
     b = quantize(torch.randn(384, 1000, device="cuda"), b_block)
     assert cuda_path_available(a_block, b_block), "cuBLAS blockwise scaled_mm did not run"
     assert calc_diff(fp8_gemm(a, b), gemm_reference(a, b)) < 1e-5
+
+
+@pytest.mark.parametrize("gemm", ["fprop", "dgrad", "wgrad"])
+def test_fp8_config_puts_only_the_chosen_gemm_in_fp8(gemm):
+    from posttrain.fp8 import FP8Config
+    torch.manual_seed(0)
+    ref = nn.Linear(256, 256, bias=False)
+    only = FP8Linear.from_linear(ref, FP8Config(**{g: g == gemm for g in ("fprop", "dgrad", "wgrad")}))
+    x = torch.randn(64, 256, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(64, 256)
+    y = only(x)
+    y.backward(g)
+    w_grad = ref.weight.grad.clone()
+    ref.zero_grad()
+    y_ref = ref(x_ref)
+    y_ref.backward(g)
+    got = {"fprop": calc_diff(y, y_ref), "dgrad": calc_diff(x.grad, x_ref.grad),
+           "wgrad": calc_diff(w_grad, ref.weight.grad)}
+    assert 0 < got[gemm] < 2e-3                                  # the FP8 one: quantized
+    assert all(v < 1e-10 for k, v in got.items() if k != gemm)   # the others: FP32
+
+
+def test_emulated_accumulator_in_training_and_promotion_bound_it():
+    from posttrain.fp8 import FP8Config
+    torch.manual_seed(0)
+    ref = nn.Linear(4096, 64, bias=False)
+    x = torch.randn(32, 4096)
+    # Against the same FP8 operands summed exactly (FP32 per 128-block): the accumulator's error.
+    exact = FP8Linear.from_linear(ref, FP8Config())(x).detach().double()
+    errors = {}
+    for name, cfg in {"promoted": FP8Config(accumulator_bits=14),
+                      "unpromoted": FP8Config(accumulator_bits=14, promote_every=None)}.items():
+        y = FP8Linear.from_linear(ref, cfg)(x)
+        errors[name] = float((y.detach().double() - exact).norm() / exact.norm())
+    assert 0 < errors["promoted"] < 1e-3
+    assert errors["unpromoted"] > 5 * errors["promoted"]
+
+
+def test_fp8_config_keeps_named_layers_and_rejects_bad_keys():
+    from posttrain.errors import UserError
+    from posttrain.fp8 import FP8Config
+    model = _tiny_moe()
+    counts = convert_to_fp8(model, FP8Config.parse({"keep": ["self_attn"]}))
+    assert counts == {"linear": 3 + 3 * 2, "experts": 2}
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    for bad, message in [({"fprop": True, "bogus": 1}, "unknown key bogus"),
+                         ({"accumulator_bits": 40}, "accumulator_bits must be in"),
+                         ({"promote_every": 100}, "multiple of 32"), ("yes", "expected true")]:
+        with pytest.raises(UserError, match=message):
+            FP8Config.parse(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_says_so_in_one_line_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.strip().splitlines() == [
+        "gpu-check: no CUDA device on this machine; nothing to check here (run it on a GPU)"]
