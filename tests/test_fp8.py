@@ -54,6 +54,14 @@ def test_tiles_scale_by_amax_and_pad():
         assert torch.all(err[:, j * 128:(j + 1) * 128] <= tile_amax[:, j:j + 1] * 2 ** -4 + 1e-12)
 
 
+def test_gradient_sized_tiles_keep_full_precision():
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    unit = calc_diff(quantize(x).dequantize(), x)
+    for magnitude in (1e-6, 1e-9, 1e-10):   # gradient tiles late in training
+        small = x * magnitude
+        assert calc_diff(quantize(small).dequantize(), small) == pytest.approx(unit, rel=0.05)
+
+
 def test_weight_blocks_transpose_exactly():
     w = torch.randn(200, 130)
     q = quantize(w, WEIGHT_BLOCK)
