@@ -61,7 +61,7 @@ report: install
 	$(BIN)/posttrain report --run $(RUN)
 
 bench: install
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # On a CUDA machine: cuBLAS FP8, FP32 master weights, GPU eval, vLLM vs HF, colocated GRPO, the
 # EMA's overlap (<= 8 min). Elsewhere it says so in one line and succeeds.

@@ -27,17 +27,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SUITE = {"name": "heldout", "n": 4, "k": 4, "temperature": 0.7, "max_new_tokens": 96,
-         "tasks": [{"name": "arithmetic", "task": "arithmetic", "n_prompts": 200,
-                    "digits": [1, 2]}]}
+from bench._heldout import bench_workspace  # noqa: E402
+
 STUDENTS = {"qwen2": ("qwen", "recipes/tiny/student_base.yaml", "student_base"),
             "llama": ("llama", "recipes/tiny/student_base_llama.yaml", "student_base_llama")}
 METHODS = ("traces", "logits", "on_policy")
@@ -57,18 +53,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="posttrain-bench-distill-"))
-    os.environ["POSTTRAIN_RUNS_DIR"] = str(work / "runs")
-    os.chdir(ROOT)
-    from posttrain import runtime
-    runtime.configure(args.threads)
-    runtime.quiet()
+    work, suite = bench_workspace("distill", args.threads)
     from posttrain.evaluate import evaluate_model, load_suite, run_eval
     from posttrain.manifest import Manifest
     from posttrain.runner import run_stage
 
-    suite = work / "heldout.yaml"
-    suite.write_text(yaml.safe_dump(SUITE))
     run, quiet = "bench", {"save_steps": "100000", "eval_suite": "null"}
 
     def held_out(name: str) -> float:

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +32,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SUITE = {"name": "heldout", "n": 4, "k": 4, "temperature": 0.7, "max_new_tokens": 96,
-         "tasks": [{"name": "arithmetic", "task": "arithmetic", "n_prompts": 200,
-                    "digits": [1, 2]}]}
+from bench._heldout import bench_workspace  # noqa: E402
+
 # The demo's GRPO recipe without the keys a preset sets (so each preset's own values apply).
 PRESET_KEYS = ("loss_type", "beta", "dynamic_sampling", "epsilon", "epsilon_high",
                "scale_rewards", "importance_sampling_level")
@@ -65,18 +63,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="posttrain-bench-objectives-"))
-    os.environ["POSTTRAIN_RUNS_DIR"] = str(work / "runs")
-    os.chdir(ROOT)
-    from posttrain import runtime
-    runtime.configure(args.threads)
-    runtime.quiet()
+    work, suite = bench_workspace("objectives", args.threads)
     from posttrain.evaluate import run_eval
     from posttrain.manifest import Manifest
     from posttrain.runner import run_stage
 
-    suite = work / "heldout.yaml"
-    suite.write_text(yaml.safe_dump(SUITE))
     recipe = yaml.safe_load((ROOT / "recipes/tiny/grpo.yaml").read_text())
     for key in PRESET_KEYS:
         recipe.pop(key, None)
