@@ -21,7 +21,8 @@ training at widths where the blocks matter.
 
 Run: `python bench/fp8.py [--steps 300] [--png runs/bench/fp8_loss.png]`. Last line:
 `{"gemm_calc_diff", "accum_error_ratio", "train_hidden_size", "train_steps",
-"loss_rel_diff_last10", "noise_rel_diff_last10", "ablation": {arm: rel diff}}`.
+"loss_rel_diff_last10", "noise_rel_diff_last10", "ablation": {arm: signed rel diff}}` (`--paired`
+arms: the mean over inits).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ ARMS: dict[str, dict | None] = {
     "dgrad_only": {"fprop": False, "wgrad": False},
     "wgrad_only": {"fprop": False, "dgrad": False},
     "attention_fp32": {"keep": ["self_attn"]},
+    "o_proj_fp32": {"keep": ["self_attn.o_proj"]},   # the paper's higher-precision o_proj input
     "experts_only": {"keep": ["self_attn", "shared_experts", "layers.0.mlp"]},
     "acc14_promoted": {"accumulator_bits": 14, "promote_every": 128},
     "acc14_unpromoted": {"accumulator_bits": 14, "promote_every": None},
@@ -165,7 +167,7 @@ def last10(losses: list[float]) -> float:
 
 
 def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms: list[str],
-                   seeds: int) -> tuple[float, float, dict[str, float]]:
+                   seeds: int, paired: tuple[str, ...] = ()) -> tuple[float, float, dict[str, float]]:
     from posttrain.models import build_tiny_model, count_params
     from posttrain.plots import plot_panels
 
@@ -179,7 +181,7 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
     # full FP8 arm from the second init as well (paired with the FP32 run from that init).
     runs = [("fp32", None, 0), ("fp32_init1", None, 1)]
     runs += [(arm, arm, 0) for arm in arms]
-    runs += [(f"fp8_init{s}", "fp8", s) for s in range(1, seeds)]
+    runs += [(f"{arm}_init{s}", arm, s) for arm in ("fp8", *paired) for s in range(1, seeds)]
     runs += [(f"fp32_init{s}", None, s) for s in range(2, seeds)]
     for name, arm, seed in runs:
         if name in curves:
@@ -190,16 +192,18 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
               flush=True)
     init_of = {name: seed for name, _, seed in runs}
     rel = {}
+    signed = {}
     for name, c in curves.items():   # against the FP32 run from the same init (noise: init 0)
         ref = last10(curves["fp32" if init_of[name] == 0 or name == "fp32_init1"
                             else f"fp32_init{init_of[name]}"])
         if name != "fp32":
-            rel[name] = abs(last10(c) - ref) / ref
+            signed[name] = (last10(c) - ref) / ref
+            rel[name] = abs(signed[name])
     fp8_pairs = [rel["fp8"], *(rel[f"fp8_init{s}"] for s in range(1, seeds))]
-    print(f"\n{'run':<18}{'last-10% loss':>14}{'rel. diff':>11}{'s':>7}   (vs FP32 from the same init)")
+    print(f"\n{'run':<20}{'last-10% loss':>14}{'rel. diff':>11}{'s':>7}   (signed, vs FP32 from the same init)")
     for arm, c in curves.items():
-        diff = "" if arm == "fp32" else f"{rel[arm]:.3%}"
-        print(f"{arm:<18}{last10(c):>14.4f}{diff:>11}{seconds[arm]:>7.0f}")
+        diff = "" if arm == "fp32" else f"{signed[arm]:+.3%}"
+        print(f"{arm:<20}{last10(c):>14.4f}{diff:>11}{seconds[arm]:>7.0f}")
     xs = list(range(1, steps + 1))
     out = plot_panels([("loss", {a: (xs, c) for a, c in curves.items()}),
                        ("loss - fp32", {a: (xs, [v - r for v, r in zip(c, curves["fp32"])])
@@ -208,8 +212,11 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
     print(f"per-step curves: {out}")
     print(f"fp8 vs fp32 from the same init, over {seeds} init(s): "
           + ", ".join(f"{v:.3%}" for v in fp8_pairs) + f"; noise (init 0 vs 1) {rel['fp32_init1']:.3%}")
-    return sum(fp8_pairs) / len(fp8_pairs), rel["fp32_init1"], {
-        a: round(v, 5) for a, v in rel.items() if a in ARMS and a != "fp8"}
+    ablation = {a: round(v, 5) for a, v in signed.items() if a in ARMS and a != "fp8"}
+    for arm in paired:   # mean over the inits it ran from
+        ablation[arm] = round(sum(signed[n] for n in (arm, *(f"{arm}_init{s}" for s in range(1, seeds))))
+                              / seeds, 5)
+    return sum(fp8_pairs) / len(fp8_pairs), rel["fp32_init1"], ablation
 
 
 def main() -> None:
@@ -220,6 +227,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--arms", default=",".join(a for a in ARMS if a != "fp32"))
     p.add_argument("--seeds", type=int, default=2, help="init seeds of the FP8-vs-FP32 pair")
+    p.add_argument("--paired", default="", help="arms also run from every init seed, e.g. attention_fp32")
     p.add_argument("--png", default=str(ROOT / "runs" / "bench" / "fp8_loss.png"))
     p.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = p.parse_args()
@@ -229,7 +237,8 @@ def main() -> None:
     gemm = gemm_table()
     ratio = accumulation_table()
     loss_diff, noise, ablation = training_table(args.steps, args.batch, args.seq, args.lr,
-                                                Path(args.png), args.arms.split(","), args.seeds)
+                                                Path(args.png), args.arms.split(","), args.seeds,
+                                                tuple(a for a in args.paired.split(",") if a))
     print(json.dumps({"gemm_calc_diff": round(gemm, 6), "accum_error_ratio": round(ratio, 1),
                       "train_hidden_size": WIDE["hidden_size"], "train_steps": args.steps,
                       "loss_rel_diff_last10": round(loss_diff, 5),
