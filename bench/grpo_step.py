@@ -163,8 +163,10 @@ def run_plain(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> None
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rows = task_rows(PROMPTS, seed=SEED)
+    # The format rewards read each row's answer format, as the stage's prompt rows carry it.
     ds = datasets.Dataset.from_list([{**r, "prompt": prompt_messages(r["prompt"],
-                                                                     DEFAULT_SYSTEM_PROMPT)}
+                                                                     DEFAULT_SYSTEM_PROMPT),
+                                      "answer_format": "tags"}
                                      for r in rows]).remove_columns(["trace"])
     funcs, weights = build_reward_funcs(REWARDS)
     args = GRPOConfig(output_dir=str(work), max_steps=steps, seed=SEED, reward_weights=weights,
@@ -213,17 +215,14 @@ def run_refill(model_dir: Path, work: Path, steps: int, timer: StepTimer) -> Non
                   {"dynamic_sampling": "refill", "max_sampling_rounds": 4})
 
 
-def check_same_work(plain: StepTimer, ours: StepTimer, prompts: bool = True) -> None:
-    """Stop unless both sides ran the same config on the same model, tokenizer and prompts
-    (`prompts`: False for the refill side, whose dataloader's rows are checked no further: it
-    draws extra prompts from the same set anyway)."""
+def check_same_work(plain: StepTimer, ours: StepTimer) -> None:
+    """Stop unless both sides ran the same config on the same model, tokenizer and prompts."""
     fields = (set(plain.config) | set(ours.config)) - PATH_FIELDS
     diff = {k: (plain.config.get(k), ours.config.get(k)) for k in sorted(fields)
             if plain.config.get(k) != ours.config.get(k)}
     if diff:
         raise SystemExit(f"GRPOConfig differs between the sides (plain, posttrain): {diff}")
-    keys = [k for k in plain.fingerprint if prompts or k != "prompts"]
-    if any(plain.fingerprint[k] != ours.fingerprint[k] for k in keys):
+    if plain.fingerprint != ours.fingerprint:
         raise SystemExit(f"inputs differ: plain {plain.fingerprint} vs posttrain {ours.fingerprint}")
 
 
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(timers)
     for other in names[1:]:
         for a, b in zip(timers[names[0]], timers[other]):
-            check_same_work(a, b, prompts=other != "posttrain grpo refill")
+            check_same_work(a, b)
 
     print_report(timers, walls, args, threads, time.time() - t0)
     return 0
