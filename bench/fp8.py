@@ -167,7 +167,8 @@ def last10(losses: list[float]) -> float:
 
 
 def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms: list[str],
-                   seeds: int, paired: tuple[str, ...] = ()) -> tuple[float, float, dict[str, float]]:
+                   seeds: int, paired: tuple[str, ...] = ()
+                   ) -> tuple[float | None, float, dict[str, float]]:
     from posttrain.models import build_tiny_model, count_params
     from posttrain.plots import plot_panels
 
@@ -201,7 +202,6 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
             signed[name] = (last10(c) - ref) / ref
             rel[name] = abs(signed[name])
     fp8_pairs = [rel[n] for n in ("fp8", *(f"fp8_init{s}" for s in range(1, seeds))) if n in rel]
-    fp8_pairs = fp8_pairs or [float("nan")]   # an ablation-only run
     print(f"\n{'run':<20}{'last-10% loss':>14}{'rel. diff':>11}{'s':>7}   (signed, vs FP32 from the same init)")
     for arm, c in curves.items():
         diff = "" if arm == "fp32" else f"{signed[arm]:+.3%}"
@@ -212,13 +212,14 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
                                         for a, c in curves.items() if a != "fp32"})],
                       png, title="FP8 vs FP32 training loss, identical batches", cols=2)
     print(f"per-step curves: {out}")
-    print(f"fp8 vs fp32 from the same init, over {seeds} init(s): "
+    print("fp8 vs fp32 from the same init: "
           + ", ".join(f"{v:.3%}" for v in fp8_pairs) + f"; noise (init 0 vs 1) {rel['fp32_init1']:.3%}")
     ablation = {a: round(v, 5) for a, v in signed.items() if a in ARMS and a != "fp8"}
     for arm in paired:   # mean over the inits it ran from
         ablation[arm] = round(sum(signed[n] for n in (arm, *(f"{arm}_init{s}" for s in range(1, seeds))))
                               / seeds, 5)
-    return sum(fp8_pairs) / len(fp8_pairs), rel["fp32_init1"], ablation
+    mean = sum(fp8_pairs) / len(fp8_pairs) if fp8_pairs else None   # None: an ablation-only run
+    return mean, rel["fp32_init1"], ablation
 
 
 def main() -> None:
@@ -243,7 +244,7 @@ def main() -> None:
                                                 tuple(a for a in args.paired.split(",") if a))
     print(json.dumps({"gemm_calc_diff": round(gemm, 6), "accum_error_ratio": round(ratio, 1),
                       "train_hidden_size": WIDE["hidden_size"], "train_steps": args.steps,
-                      "loss_rel_diff_last10": round(loss_diff, 5),
+                      "loss_rel_diff_last10": None if loss_diff is None else round(loss_diff, 5),
                       "noise_rel_diff_last10": round(noise, 5), "ablation": ablation}))
 
 
