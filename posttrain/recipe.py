@@ -155,6 +155,11 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    """How an error names a type: YAML's words for booleans and mappings, else the type's name."""
+    if tp is bool:
+        return "true/false"
+    if tp is dict or typing.get_origin(tp) is dict:
+        return "a mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -38,7 +38,7 @@ def test_recipe_rejects_bad_backend_settings():
                                  "moe_balance": {"gamma": 0.001}}).fp8 is True
     with pytest.raises(UserError, match="ema.decay"):
         build_recipe(Recipe, {**base, "ema": {"decay": 2}})
-    with pytest.raises(UserError, match="fp8: expected true or false"):
+    with pytest.raises(UserError, match="fp8: expected true/false or a mapping"):
         build_recipe(Recipe, {**base, "fp8": "yes"})
 
 
