@@ -3,8 +3,9 @@
 After every `every` optimizer steps the loop only snapshots the weights into a preallocated CPU
 buffer (a copy, non-blocking from a GPU into pinned memory, ordered by a CUDA event) and hands it to
 a worker thread, which folds it into the FP32 EMA: `ema ← decay · ema + (1 − decay) · θ`, on one
-core. The loop waits only if the worker is two snapshots behind. The EMA costs no GPU memory and is saved at the end as its own HF checkpoint, which
-`save_final` moves to `<model_dir>/ema/` (evaluate it with `posttrain eval ... --weights ema`).
+core. The loop waits only if the worker is two snapshots behind. The EMA costs no GPU memory and
+is saved at the end as its own HF checkpoint, which `save_final` moves to `<model_dir>/ema/`
+(evaluate it with `posttrain eval ... --weights ema`).
 
 Recipe: `ema: {decay: 0.999, every: 1}`. Starts from the weights at the start of training; a
 resumed run starts a new EMA from the resumed weights.

@@ -104,6 +104,8 @@ class Recipe:
         if self.fp8 is not False:
             from posttrain.fp8 import FP8Config
             FP8Config.parse(self.fp8)
+            if self.fp8 == {}:   # the defaults, spelled as a mapping: on, like `true`
+                self.fp8 = True
         if self.ema is not None:
             from posttrain.ema import EMAConfig
             EMAConfig.parse(self.ema)

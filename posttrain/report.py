@@ -250,7 +250,7 @@ def write_report(run: str, root: Path | None = None) -> Path:
                                              "final_preference_accuracy") if k in metrics}
         if facts:
             lines += [f"`{n}`: " + ", ".join(f"{k} {_fmt(v)}" for k, v in facts.items()), ""]
-        init = (((e.get("plan") or {}).get("refs") or {}).get("init") or {}).get("stage")
+        init = _init_stage(e)
         if init in stages and _by_task(stages[init]) and _by_task(e):
             lines += [f"Against its init `{init}`: the preference target is a higher format rate "
                       f"and shorter answers at unchanged pass@1.", "",

@@ -235,3 +235,13 @@ def test_gpu_check_says_so_in_one_line_without_cuda():
     assert proc.returncode == 0
     assert proc.stdout.strip().splitlines() == [
         "gpu-check: no CUDA device on this machine; nothing to check here (run it on a GPU)"]
+
+
+def test_recipe_fp8_mapping_is_checked_and_an_empty_one_means_on():
+    from posttrain.errors import UserError
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.sft import Recipe
+    assert load_recipe(Recipe, "recipes/tiny/sft.yaml", {"fp8": "{}"}).fp8 is True
+    assert load_recipe(Recipe, "recipes/tiny/sft.yaml", {"fp8": "{wgrad: false}"}).fp8 == {"wgrad": False}
+    with pytest.raises(UserError, match="fp8: unknown key wgard"):
+        load_recipe(Recipe, "recipes/tiny/sft.yaml", {"fp8": "{wgard: false}"})
