@@ -195,9 +195,9 @@ def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms:
     init_of = {name: seed for name, _, seed in runs}
     rel = {}
     signed = {}
-    for name, c in curves.items():   # against the FP32 run from the same init (noise: init 0)
-        ref = last10(curves["fp32" if init_of[name] == 0 or name == "fp32_init1"
-                            else f"fp32_init{init_of[name]}"])
+    for name, c in curves.items():   # FP32 inits against init 0 (noise), the rest against FP32
+        same_init = "fp32" if init_of[name] == 0 else f"fp32_init{init_of[name]}"
+        ref = last10(curves["fp32" if name.startswith("fp32") else same_init])
         if name != "fp32":
             signed[name] = (last10(c) - ref) / ref
             rel[name] = abs(signed[name])

@@ -11,7 +11,6 @@ training at a wall-time budget instead, through `TimeBudget`.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,6 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.start >= self.seconds:
             self.stopped = control.should_training_stop = True
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The stage's logs.jsonl records (none when the file is missing)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def completions_per_step(args, world_size: int) -> int:
@@ -70,11 +62,12 @@ def trainer_budget(trainer, train_output, log_path: Path, *, teacher_samples: in
     sequence went through the teacher once (logit targets); `teacher_s` is the time the
     teacher's sampling took."""
     from posttrain.dist import world_size
+    from posttrain.plots import read_log
 
     steps = trainer.state.global_step
     per_step = completions_per_step(trainer.args, world_size())
     completions = steps * per_step
-    student_tokens = generated_from_logs(read_records(log_path), per_step)
+    student_tokens = generated_from_logs(read_log(log_path), per_step)
     train_s = train_output.metrics["train_runtime"]
     stopped_by_time = any(getattr(cb, "stopped", False) for cb in trainer.callback_handler.callbacks
                           if isinstance(cb, TimeBudget))

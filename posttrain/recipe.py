@@ -123,6 +123,11 @@ class Recipe:
         """The TRL config class this recipe builds (a GRPO objective may pick another)."""
         return self.TRAINER_CONFIG
 
+    def trainer_fields(self) -> set[str]:
+        """The keyword fields of that config: what a recipe's TRL keys may name."""
+        path = self.trainer_config()
+        return {f.name for f in dataclasses.fields(_import(path)) if f.init} if path else set()
+
     def references(self, manifest) -> dict[str, str | None]:
         """Model references to resolve (name → stage, dir or hub id). Subclasses add theirs."""
         return {"init": self.init_from}

@@ -127,10 +127,8 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
                             "traces trains by plain SFT")
         if self.method != "on_policy" and self.lmbda != 1.0:
             raise UserError("distill: lmbda (the on-policy share) is for method on_policy")
-        from posttrain.recipe import _import
         config = self.trainer_config()
-        accepted = {f.name for f in dataclasses.fields(_import(config)) if f.init}
-        stray = sorted(k for k in self.trainer if k not in accepted)
+        stray = sorted(k for k in self.trainer if k not in self.trainer_fields())
         if stray:
             raise UserError(f"distill: method {self.method} trains with {config}, which has no "
                             f"field {', '.join(stray)}")
@@ -141,8 +139,7 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
     def trainer_settings(self) -> dict[str, Any]:
         """TRL settings of the method's config: our defaults it takes, the method's keys, then
         the recipe's own TRL keys."""
-        from posttrain.recipe import _import
-        accepted = {f.name for f in dataclasses.fields(_import(self.trainer_config())) if f.init}
+        accepted = self.trainer_fields()
         base = {k: v for k, v in super().trainer_settings().items()
                 if k in accepted and k not in self.trainer}
         own = methods.method_settings(self.method, beta=self.beta, lmbda=self.lmbda,

@@ -127,8 +127,7 @@ class Recipe(PromptFields, BaseRecipe):
                     "reward_weights": list(self.rewards.values())}
         if self.trainer_config() == self.TRAINER_CONFIG:
             return settings
-        from posttrain.recipe import _import
-        accepted = {f.name for f in dataclasses.fields(_import(self.trainer_config())) if f.init}
+        accepted = self.trainer_fields()
         stray = sorted(k for k in self.trainer if k not in accepted)
         if stray:
             raise UserError(f"objective {self.objective}: {', '.join(stray)} is not a field of "
