@@ -96,7 +96,7 @@ def check_fp8_step() -> tuple[bool, str]:
 def check_fp32_master() -> tuple[bool, str]:
     from types import SimpleNamespace
 
-    from posttrain.stages.common import load_trainable
+    from posttrain.stages.training import load_trainable
     path = str(tiny_qwen())
     fp8 = next(load_trainable(path, SimpleNamespace(fp8=True)).parameters()).dtype
     plain = next(load_trainable(path, SimpleNamespace(fp8=False)).parameters()).dtype

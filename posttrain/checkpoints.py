@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from posttrain.manifest import atomic_write_text
+from posttrain import atomic
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -52,7 +52,7 @@ def trim_log(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:  # a line cut short by the crash
             continue
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    atomic.write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _saved_keys(ckpt: Path) -> set[str] | None:

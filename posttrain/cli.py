@@ -2,6 +2,8 @@
 
     posttrain base|sft|... RECIPE --run NAME [--force] [--no-eval] [--key value ...]
     posttrain eval --run NAME --stage STAGE [--suite eval/tiny.yaml] [--weights ema] [--data_dir D]
+    posttrain eval --run NAME --model DIR|FILE.gguf|HUB_ID [--suite ...]   a model of no stage
+    posttrain import FILE.gguf --out DIR       a GGUF checkpoint as an HF model dir
     posttrain init-model --arch qwen2|llama|deepseek_v3 --tokenizer DIR --out DIR [--key value ...]
     posttrain status --run NAME
     posttrain fp8 quantize|dequantize SRC DST [--dtype bfloat16|float32]
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from posttrain.errors import UserError
 from posttrain.stages import STAGES
@@ -72,7 +75,10 @@ def _stage_command(kind: str, argv: list[str]) -> int:
 def _eval_command(argv: list[str]) -> int:
     p = _Parser(prog="posttrain eval")
     p.add_argument("--run", default="demo")
-    p.add_argument("--stage", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", help="a finished stage of the run")
+    which.add_argument("--model", help="a model of no stage: dir, .gguf file or hub id (figures "
+                                       "go to runs/<run>/eval/<model name>/, not the manifest)")
     p.add_argument("--suite", default="eval/tiny.yaml")
     p.add_argument("--weights", default=None, help="sub-dir of the stage's model, e.g. ema")
     p.add_argument("--backend", default=None, choices=["auto", "hf", "vllm"],
@@ -84,12 +90,34 @@ def _eval_command(argv: list[str]) -> int:
         import os
         os.environ["POSTTRAIN_DATA_DIR"] = args.data_dir
     from posttrain import runtime
-    from posttrain.evaluate import format_table, run_eval
+    from posttrain.evaluate import eval_model, run_eval
     from posttrain.manifest import Manifest
+    from posttrain.tables import eval_table
     runtime.configure()
-    results = run_eval(Manifest(args.run), args.stage, args.suite, backend=args.backend,
-                       weights=args.weights)
-    print(format_table({args.stage: {args.suite: results}}))
+    if args.model:
+        label, results = eval_model(Manifest(args.run), args.model, args.suite,
+                                    backend=args.backend)
+    else:
+        label = args.stage
+        results = run_eval(Manifest(args.run), args.stage, args.suite, backend=args.backend,
+                           weights=args.weights)
+    print(eval_table({label: {"eval": {args.suite: results}}}))
+    return 0
+
+
+def _import_command(argv: list[str]) -> int:
+    p = _Parser(prog="posttrain import")
+    p.add_argument("file", help="a .gguf file (or pkg:<package>/<file>)")
+    p.add_argument("--out", required=True, help="new HF model dir")
+    args = p.parse_args(argv)
+    from posttrain.gguf_import import convert, is_gguf_ref, locate
+    if not is_gguf_ref(args.file):
+        raise UserError(f"{args.file}: posttrain import reads .gguf files")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new --out dir")
+    convert(locate(args.file), out)
+    print(f"{args.file} -> {out}")
     return 0
 
 
@@ -122,7 +150,8 @@ def _report_command(argv: list[str]) -> int:
     p.add_argument("--run", default="demo")
     args = p.parse_args(argv)
     from posttrain.manifest import Manifest
-    from posttrain.report import eval_table, write_report
+    from posttrain.report import write_report
+    from posttrain.tables import eval_table
     path = write_report(args.run)
     print(eval_table(Manifest(args.run).stages))
     print(f"\nreport: {path}")
@@ -163,7 +192,7 @@ def _init_model_command(argv: list[str]) -> int:
 
 
 COMMANDS = {"eval": _eval_command, "status": _status_command, "report": _report_command,
-            "fp8": _fp8_command, "init-model": _init_model_command}
+            "fp8": _fp8_command, "init-model": _init_model_command, "import": _import_command}
 
 
 def main(argv: list[str] | None = None) -> int:

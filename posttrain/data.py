@@ -11,6 +11,7 @@ Task rows have the columns task, prompt, answer, trace, meta (meta is a JSON str
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,15 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 _SPEC_KEYS = {"task", "path", "hub"}
 
 
-def resolve_stage_data(recipe: Any, manifest: Any) -> list[dict[str, Any]]:
-    """Turn every `{stage: NAME}` spec in the recipe's dataset lists into that stage's file.
+def resolve_stage_data(recipe: Any, manifest: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """A copy of `recipe` with every `{stage: NAME}` spec in its dataset lists turned into that
+    stage's file, and one record per resolved spec (for the plan's references).
 
     The stage must be done in the run and have written a dataset (`train.jsonl` in its output
     dir, as rejection sampling does); the spec keeps `from_stage: NAME` and when that stage
     ended, so a rerun of the data stage (new data at the same path) changes this stage's plan.
-    Returns one record per resolved spec, for the plan's references.
     """
-    import dataclasses
-    records = []
+    records, changes = [], {}
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         if not isinstance(value, list) or not any(isinstance(s, dict) and "stage" in s
@@ -51,8 +51,8 @@ def resolve_stage_data(recipe: Any, manifest: Any) -> list[dict[str, Any]]:
                 records.append({"field": f"{f.name}[{i}]", "stage": spec["from_stage"],
                                 "path": str(data), "stage_ended": ended})
             resolved.append(spec)
-        setattr(recipe, f.name, resolved)
-    return records
+        changes[f.name] = resolved
+    return (dataclasses.replace(recipe, **changes) if changes else recipe), records
 
 
 def check_spec(spec: Any, where: str) -> None:
@@ -182,20 +182,46 @@ def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: st
     return ds
 
 
-def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_prompt: str | None,
-                     seed: int, answer_format: str = "tags", where: str = "prompt_data",
-                     code_columns: tuple[str, str] = ("tests", "test_imports"),
-                     show_tests: int = 3):
-    """The one way stages load prompts: specs → rows with `prompt` as chat messages and the gold
-    columns (`answer`/`solution`, `task`, `meta`, or a code task's `tests`/`test_imports`) as
-    they are.
+@dataclasses.dataclass
+class PromptColumns:
+    """Which columns of a prompt dataset hold what: one declaration for stage recipes
+    (`stages.sampling.PromptFields`) and eval suite tasks (`evaluate.SuiteTask`), which read
+    prompts the same way (`load_prompt_rows`).
 
-    `prompt_column` names the question column (e.g. `problem`); it must exist. `code_columns`
-    name a code task's tests and imports columns (renamed to `tests` / `test_imports`); in the
-    `code` answer format the first `show_tests` tests follow the question.
+    Attributes:
+        prompt_column: Column holding the question (renamed to `prompt`), e.g. `problem`.
+        answer_column: Column holding the gold answer (renamed to `answer`): bare, LaTeX,
+            `\\boxed{}` or a GSM8K solution ending `#### 42`. Without it a `solution` column
+            serves.
+        tests_column: Code tasks: the column of assert statements the `code` reward and scorer
+            run (renamed to `tests`), e.g. MBPP's `test_list`; it may stand for the answer.
+        test_imports_column: Code tasks: the column of import lines the tests need (renamed to
+            `test_imports`).
+        show_tests: Code tasks (`answer_format: code`): how many tests follow the question in
+            the prompt, so the model knows the function's name (MBPP's prompt shows 3).
+    """
+
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    tests_column: str = "tests"
+    test_imports_column: str = "test_imports"
+    show_tests: int = 3
+
+
+def load_prompt_rows(specs: list[dict[str, Any]], columns: PromptColumns,
+                     system_prompt: str | None, seed: int, answer_format: str = "tags",
+                     where: str = "prompt_data"):
+    """The one way prompts are loaded (stages and eval suites): specs → rows with `prompt` as
+    chat messages and the gold columns (`answer`/`solution`, `task`, `meta`, or a code task's
+    `tests`/`test_imports`) under their standard names.
+
+    The prompt column must exist; in the `code` answer format the first `show_tests` tests
+    follow the question.
     """
     ds = load_sources(specs, seed, where)
-    for column, name in ((prompt_column, "prompt"), *zip(code_columns, ("tests", "test_imports"))):
+    renames = ((columns.prompt_column, "prompt"), (columns.answer_column, "answer"),
+               (columns.tests_column, "tests"), (columns.test_imports_column, "test_imports"))
+    for column, name in renames:
         if column == name:
             continue
         if column not in ds.column_names:
@@ -205,9 +231,10 @@ def load_prompt_rows(specs: list[dict[str, Any]], prompt_column: str, system_pro
             continue
         ds = ds.remove_columns([c for c in (name,) if c in ds.column_names])
         ds = ds.rename_column(column, name)
-    if answer_format == "code" and "tests" in ds.column_names and show_tests > 0 \
+    show = columns.show_tests
+    if answer_format == "code" and "tests" in ds.column_names and show > 0 \
             and getattr(ds.features["prompt"], "dtype", None) == "string":
-        ds = ds.map(lambda row: {"prompt": code_problem(row["prompt"], row["tests"], show_tests)})
+        ds = ds.map(lambda row: {"prompt": code_problem(row["prompt"], row["tests"], show)})
     return to_prompts(ds, system_prompt, answer_format, where)
 
 

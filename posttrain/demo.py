@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from posttrain import runtime
     from posttrain.manifest import Manifest
-    from posttrain.report import eval_table
+    from posttrain.tables import eval_table
     runtime.quiet()
     t0 = time.time()
     chain, notes = available(CHAIN)

@@ -1,7 +1,8 @@
 """Which process this is under `accelerate launch` / torchrun, read from the launcher's environment.
 
 A leaf module: the library asks "am I the writer?" here, so nothing below the entry points has to
-import the launcher. Nothing here starts a process group before the trainer does.
+import the launcher. `barrier` and `all_gather_object` join the process group accelerate sets up
+for the trainer (creating it on first use, as the trainer would).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def planned_world_size() -> int:
+    """Processes the stage runs on: WORLD_SIZE inside a launched world, else the count
+    `posttrain.launch` is about to start ($POSTTRAIN_NPROC, set while it checks the recipe)."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("POSTTRAIN_NPROC") or 1)
 
 
 def is_main_process() -> bool:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import answer_format as fmt
-from posttrain.data import check_spec, code_problem, load_source, prompt_messages
+from posttrain.data import PromptColumns, check_spec, load_prompt_rows
 from posttrain.errors import UserError
-from posttrain.recipe import read_yaml
+from posttrain.recipe import check_template, read_yaml
 from posttrain.rewards.code import code as code_reward
 from posttrain.rollout import Sampling, generate
 from posttrain.scoring import answers_equal, extract_answer, score
@@ -31,9 +31,10 @@ from posttrain.scoring import answers_equal, extract_answer, score
 SCORERS = ("answer", "code")
 
 
-@dataclass
-class SuiteTask:
-    """One task of a suite.
+@dataclass(kw_only=True)
+class SuiteTask(PromptColumns):
+    """One task of a suite. Its column fields are `posttrain.data.PromptColumns`'s, the same
+    names and defaults a stage recipe reads prompts with.
 
     Attributes:
         name: Key under the suite in the manifest.
@@ -43,16 +44,11 @@ class SuiteTask:
         hub: Hub dataset name, e.g. `openai/gsm8k`.
         config: Hub dataset config, e.g. `main`.
         split: Hub split.
-        problem_field: Column holding the question.
-        answer_field: Column holding the gold answer (bare, LaTeX, `\\boxed{}` or GSM8K `#### x`).
-        n_prompts: How many prompts to evaluate (null: all).
+        n_prompts: How many prompts to evaluate (null: all; the first ones of a benchmark).
         difficulty: Knobs passed to a synthetic task's generator.
-        scorer: `answer` (the final answer against `answer_field`) or `code` (the final Python
-            block run against the row's tests in the sandbox; correct = every test passes).
-        tests_field: Column of assert statements (`code` scorer).
-        imports_field: Column of import lines the tests need (`code` scorer; null: none).
-        show_tests: How many of a row's tests follow the problem in the prompt (`code` scorer),
-            so the model knows the function's name and signature (MBPP's prompt shows 3).
+        scorer: `answer` (the final answer against the answer column) or `code` (the final
+            Python block run against the row's tests in the sandbox; correct = every test
+            passes).
     """
 
     name: str
@@ -61,14 +57,9 @@ class SuiteTask:
     hub: str | None = None
     config: str | None = None
     split: str = "test"
-    problem_field: str = "problem"
-    answer_field: str = "answer"
     n_prompts: int | None = None
     difficulty: dict[str, Any] = field(default_factory=dict)
     scorer: str = "answer"
-    tests_field: str = "test_list"
-    imports_field: str | None = "test_imports"
-    show_tests: int = 0
 
 
 @dataclass
@@ -96,6 +87,7 @@ class Suite:
     answer_format: str = "tags"
     system_prompt: str | None = "auto"
     protocol: str | None = None  # r1: DeepSeek-R1's sampling and figures (see above)
+    chat_template: str | None = None  # as a recipe's: null = the model's own (R1-Zero's if none)
     backend: str = "auto"  # rollout backend: auto (vLLM on GPU where it can run), hf, vllm
     cache: bool = True     # reuse samples cached on disk for the same model, prompt and sampling
 
@@ -138,6 +130,7 @@ def load_suite(path: str | Path) -> Suite:
         parsed.append(st)
     suite = Suite(tasks=parsed, **data)
     fmt.check(suite.answer_format, f"{path}: answer_format")
+    check_template(suite.chat_template, f"{path}: chat_template")
     if suite.system_prompt == "auto":
         suite.system_prompt = fmt.default_system_prompt(suite.answer_format)
     if suite.n < 1 or suite.k < 1:
@@ -160,40 +153,34 @@ def local_path(st: SuiteTask, suite: Suite) -> Path | None:
 
 
 def task_prompts(st: SuiteTask, suite: Suite) -> list[dict[str, Any]]:
-    """Rows with `prompt` (chat messages), `gold`, and for synthetic tasks `task` and `meta`."""
+    """Rows with `prompt` (chat messages), `gold`, and for synthetic tasks `task` and `meta`
+    (code tasks: `tests` and `test_imports`), loaded as a stage loads its prompts."""
+    where = f"suite {suite.name}/{st.name}"
     if st.task is not None:
         spec = {"task": st.task, "split": "test", "n": st.n_prompts or 200, **st.difficulty}
-        ds = load_source(spec, seed=suite.seed, where=f"suite {suite.name}/{st.name}")
-        return [{"prompt": prompt_messages(r["prompt"], suite.system_prompt, suite.answer_format),
-                 "gold": r["answer"],
-                 "task": r["task"], "meta": r["meta"]} for r in ds]
-    local = local_path(st, suite)
-    if local is not None and local.exists():
-        spec: dict[str, Any] = {"path": str(local)}
-    elif st.hub is not None:
-        spec = {"hub": st.hub, "config": st.config, "split": st.split}
     else:
-        raise UserError(f"suite {suite.name}/{st.name}: {local} not found and no hub: fallback"
-                        " (set POSTTRAIN_DATA_DIR to the folder holding it)")
-    ds = load_source(spec, seed=suite.seed, where=f"suite {suite.name}/{st.name}")
-    needed = ([st.problem_field, st.tests_field] + ([st.imports_field] if st.imports_field else [])
-              if st.scorer == "code" else [st.problem_field, st.answer_field])
-    for col in needed:
-        if col not in ds.column_names:
-            raise UserError(f"suite {suite.name}/{st.name}: no column {col!r} "
-                            f"(has: {', '.join(ds.column_names)})")
-    if st.n_prompts:
+        local = local_path(st, suite)
+        if local is not None and local.exists():
+            spec = {"path": str(local)}
+        elif st.hub is not None:
+            spec = {"hub": st.hub, "config": st.config, "split": st.split}
+        else:
+            raise UserError(f"{where}: {local} not found and no hub: fallback"
+                            " (set POSTTRAIN_DATA_DIR to the folder holding it)")
+    ds = load_prompt_rows([spec], st, suite.system_prompt, suite.seed, suite.answer_format, where)
+    if st.scorer == "code" and "tests" not in ds.column_names:
+        raise UserError(f"{where}: no column {st.tests_column!r} of tests for the code scorer "
+                        f"(has: {', '.join(ds.column_names)})")
+    if st.task is None and st.n_prompts:
         ds = ds.select(range(min(st.n_prompts, len(ds))))
-    if st.scorer == "code":
-        return [{"prompt": prompt_messages(code_problem(r[st.problem_field], r[st.tests_field],
-                                                        st.show_tests),
-                                           suite.system_prompt, suite.answer_format),
-                 "gold": None, "task": None, "meta": None, "tests": list(r[st.tests_field]),
-                 "test_imports": list(r[st.imports_field]) if st.imports_field else []}
-                for r in ds]
-    return [{"prompt": prompt_messages(str(r[st.problem_field]), suite.system_prompt,
-                                       suite.answer_format),
-             "gold": str(r[st.answer_field]), "task": None, "meta": None} for r in ds]
+    rows = []
+    for r in ds:
+        gold = r.get("answer", r.get("solution"))
+        rows.append({"prompt": r["prompt"], "gold": None if gold is None else str(gold),
+                     "task": r.get("task"), "meta": r.get("meta"),
+                     "tests": list(r.get("tests") or []),
+                     "test_imports": list(r.get("test_imports") or [])})
+    return rows
 
 
 def score_code(rows: list[dict[str, Any]], outs: list[list[Any]]) -> list[list[float | None]]:
@@ -280,7 +267,9 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
     for st in suite.tasks:
         rows = task_prompts(st, suite)
         outs = generate(model_ref, [r["prompt"] for r in rows], sampling, backend=backend,
-                        batch_size=suite.batch_size, progress=progress, cache=suite.cache)
+                        batch_size=suite.batch_size, progress=progress, cache=suite.cache,
+                        tokenizer_options={"chat_template": suite.chat_template,
+                                           "answer_format": suite.answer_format})
         code_scores = score_code(rows, outs) if st.scorer == "code" else None
         per_prompt = []
         for i, (row, comps) in enumerate(zip(rows, outs)):
@@ -307,11 +296,11 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
 
 def write_eval(run_dir: Path, stage: str, suite: Suite, results: dict, dumps: dict) -> Path:
     """Summary JSON and per-sample JSONL under runs/<run>/eval/<stage>/."""
-    from posttrain.manifest import atomic_write_json, atomic_write_text
+    from posttrain import atomic
     out = run_dir / "eval" / stage
-    atomic_write_json(out / f"{suite.name}.json", results)
+    atomic.write_json(out / f"{suite.name}.json", results)
     for task, rows in dumps.items():
-        atomic_write_text(out / f"{suite.name}.{task}.samples.jsonl",
+        atomic.write_text(out / f"{suite.name}.{task}.samples.jsonl",
                           "".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -332,24 +321,15 @@ def run_eval(manifest, stage: str, suite_path: str | Path, backend: str | None =
     return results
 
 
-def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Plain-text table: one line per (stage, task) with the main figures (pass@1 with its
-    standard error, and the prompts left unscored because their gold is unscorable)."""
-    lines = []
-    header = (f"{'stage':<16}{'suite/task':<28}{'pass@1':>8}{'±se':>7}{'unscored':>9}{'pass@k':>8}"
-              f"{'maj@k':>8}{'format':>8}{'tokens':>8}")
-    lines.append(header)
-    lines.append("-" * len(header))
-    for stage, suites in rows.items():
-        for suite, tasks in suites.items():
-            for task, m in tasks.items():
-                pk = next((v for k, v in m.items() if k.startswith("pass@") and k != "pass@1"
-                           and k[5:].isdigit()), 0.0)
-                mk = next((f"{v:>8.3f}" for k, v in m.items() if k.startswith("maj@")), f"{'-':>8}")
-                lines.append(f"{stage:<16}{suite + '/' + task:<28}{m['pass@1']:>8.3f}"
-                             f"{m.get('pass@1_se', 0.0):>7.3f}{m.get('unscorable', 0):>9}"
-                             f"{pk:>8.3f}{mk}{m['format_rate']:>8.3f}"
-                             f"{m['mean_tokens']:>8.1f}")
-    return "\n".join(lines)
-
-
+def eval_model(manifest, model_ref: str, suite_path: str | Path, backend: str | None = None,
+               progress: bool = True) -> tuple[str, dict[str, dict[str, float]]]:
+    """Evaluate a model that is no stage of the run (a base checkpoint, a GGUF file): figures
+    and samples under `runs/<run>/eval/<label>/`, the manifest untouched. Returns (label,
+    figures)."""
+    from posttrain.models import resolve_model_ref
+    path = resolve_model_ref(model_ref)
+    label = Path(str(model_ref).rstrip("/")).name.removesuffix(".gguf") or "model"
+    suite = load_suite(suite_path)
+    results, dumps = evaluate_model(path, suite, backend=backend, progress=progress)
+    write_eval(manifest.run_dir, label, suite, results, dumps)
+    return label, results

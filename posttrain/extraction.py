@@ -1,9 +1,10 @@
 """Find the final answer in a completion the way models write it, and clean it for comparison.
 
 Where the answer is looked for, in order: the last `<answer>…</answer>`, the last `\\boxed{}`
-(R1 and Qwen evaluations count the last), a final-answer phrase ("The answer is …", "Final
-Answer: The final answer is $18$. I hope it is correct.", "The final answer is:\\n18"), and —
-only where asked, e.g. to evaluate a base model — the last number in the text. When the
+(R1 and Qwen evaluations count the last), GSM8K's own final line `#### 18` (what models
+fine-tuned on GSM8K write), a final-answer phrase ("The answer is …", "Final Answer: The final
+answer is $18$. I hope it is correct.", "The final answer is:\\n18"), and — only where asked,
+e.g. to evaluate a base model — the last number in the text. When the
 completion closes a `</think>` block, only the text after it counts: an answer inside the
 reasoning is a draft, not the answer.
 
@@ -33,6 +34,9 @@ _MATH_OPEN = {open_: re.compile(r"(?<!\\)" + re.escape(close))
               for open_, close in {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}.items()}
 _EMPHASIS = re.compile(r"^(\*\*|__|\*|_)(.+?)\1$", re.DOTALL)
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
+# GSM8K's answer line: `#### 18` alone on its line. A Markdown heading (`#### Step 1: add`) is
+# told apart by what follows the marks: a number, a math span or a box, not words.
+_GSM8K_LINE = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 # A fenced block tagged python (or untagged): "```python\n…```".
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -113,6 +117,9 @@ def extract_answer(text: str, last_number: bool = True) -> str | None:
     box = boxed(part)
     if box is not None:
         return box.strip()
+    marked = gsm8k_marker(part)
+    if marked is not None:
+        return marked
     phrases = list(_PHRASE.finditer(part))
     if phrases:
         answer = clean(_leading_math(part[phrases[-1].end():]))
@@ -122,6 +129,17 @@ def extract_answer(text: str, last_number: bool = True) -> str | None:
         return None
     numbers = _NUMBER.findall(part)
     return numbers[-1] if numbers else None
+
+
+def gsm8k_marker(text: str) -> str | None:
+    """The answer of the last `#### <answer>` line (GSM8K's convention), or None; a Markdown
+    heading (`#### Step 1`, words after the marks) is no answer."""
+    for m in reversed(list(_GSM8K_LINE.finditer(text))):
+        value = clean(_leading_math(m.group(1)))
+        if value and not re.search(r"[^\W\d_]{2,}\s+[^\W\d_]", value) \
+                and not re.match(r"[^\W\d_]{3,}", value):
+            return value
+    return None
 
 
 def clean(answer: str) -> str:

@@ -102,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in STAGES:
             raise UserError(f"unknown stage {kind!r}; stages: {', '.join(STAGES)}")
         args, overrides = stage_args(kind, stage_argv[1:])
-        prepare(kind, args.recipe, args.run, overrides, force=args.force)
         cmd, env = command(config, nproc, stage_argv)
+        # The checks that depend on the process count (dynamic sampling) see the launch's.
+        os.environ["POSTTRAIN_NPROC"] = cmd[cmd.index("--num_processes") + 1]
+        try:
+            prepare(kind, args.recipe, args.run, overrides, force=args.force)
+        finally:
+            os.environ.pop("POSTTRAIN_NPROC", None)
     except UserError as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ import json
 import os
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from posttrain.atomic import write_json
 from posttrain.errors import UserError
 
 
@@ -30,25 +30,6 @@ def runs_dir() -> Path:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def git_commit() -> str | None:
@@ -111,7 +92,7 @@ class Manifest:
             raise UserError(f"{self.path} is not valid JSON ({e}); fix or remove it") from None
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        write_json(self.path, self.data)
 
     @property
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -130,10 +111,10 @@ class Manifest:
             done = [s for s, e in self.stages.items() if e.get("status") == "done"]
             raise UserError(
                 f"stage {name!r} has not run in run {self.run!r} (done: {', '.join(done) or 'none'});"
-                f" run `make {name} RUN={self.run}` first")
+                f" run that stage first (`posttrain STAGE RECIPE --run {self.run}`)")
         if entry.get("status") != "done":
             raise UserError(f"stage {name!r} of run {self.run!r} is {entry.get('status')!r}, not done;"
-                            f" rerun it first (`make {name} RUN={self.run}`)")
+                            f" rerun it first (`posttrain STAGE RECIPE --run {self.run} ...`)")
         return Path(entry["output_dir"])
 
     @contextlib.contextmanager

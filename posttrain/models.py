@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ def init_model(arch: str, tokenizer_dir: str | Path, out_dir: str | Path, seed: 
     """
     from transformers import AutoTokenizer, GenerationConfig
 
-    src = Path(tokenizer_dir).expanduser()
+    src = Path(_check_ref(tokenizer_dir))  # a GGUF file: its converted dir
     if not src.is_dir():
         raise UserError(f"tokenizer dir {src} not found")
     try:
@@ -177,13 +178,25 @@ def saved_generation_config(model_dir: str | Path):
         return None
 
 
+def resolve_model_ref(ref: str | Path) -> str:
+    """A model reference as what loading takes: a local dir (a GGUF file's converted dir) or a
+    hub id; UserError for neither."""
+    return _check_ref(ref)
+
+
 def _check_ref(ref: str | Path) -> str:
-    """`ref` as a string; UserError for something that is neither a local dir nor a hub id."""
+    """`ref` as a local dir or hub id: a GGUF file becomes its converted HF dir
+    (posttrain.gguf_import); UserError for something that is neither a local path nor a hub id."""
+    from posttrain.gguf_import import imported_dir, is_gguf_ref
+
+    if is_gguf_ref(ref):
+        return str(imported_dir(ref)[0])
     path = Path(str(ref)).expanduser()
     if path.exists():
         return str(path)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(ref)):
-        raise UserError(f"model {str(ref)!r} not found: give a model dir, a hub id, or a stage name")
+        raise UserError(f"model {str(ref)!r} not found: give a model dir, a .gguf file, a hub id, "
+                        f"or a stage name")
     return str(ref)
 
 
@@ -200,9 +213,21 @@ def _saved_tokenizer_class(ref: str) -> str | None:
         return None
 
 
-def load_tokenizer(ref: str | Path, require_chat_template: bool = True):
-    """Tokenizer of a model dir or hub id, left-padded for generation, with a pad token."""
+_NOTICED: set[str] = set()
+
+
+def load_tokenizer(ref: str | Path, chat_template: str | None = None,
+                   answer_format: str = "tags"):
+    """Tokenizer of a model dir, GGUF file or hub id, left-padded for generation, with a pad
+    token and a chat template.
+
+    The template: `chat_template` when given (a name in `posttrain.templates.NAMED`, e.g.
+    `r1_zero`, or Jinja), else the tokenizer's own, else — a base checkpoint — R1-Zero's prompt in
+    `answer_format` (posttrain.templates), with a one-line notice.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from posttrain import templates
 
     ref = _check_ref(ref)
     try:
@@ -213,9 +238,15 @@ def load_tokenizer(ref: str | Path, require_chat_template: bool = True):
         tok = cls.from_pretrained(ref)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {ref!r}: {str(e).splitlines()[0]}") from None
-    if require_chat_template and not tok.chat_template:
-        raise UserError(f"tokenizer of {ref!r} has no chat template; set one (tokenizer.chat_template)"
-                        " or use an instruct/chat model")
+    if chat_template:
+        tok.chat_template = templates.named_or_jinja(chat_template, answer_format)
+    elif not tok.chat_template:
+        tok.chat_template = templates.r1_zero(answer_format)
+        if ref not in _NOTICED:
+            _NOTICED.add(ref)
+            print(f"[posttrain] {ref} has no chat template (a base checkpoint): prompting it with "
+                  f"R1-Zero's template (chat_template: r1_zero); set chat_template to choose "
+                  f"another", file=sys.stderr)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

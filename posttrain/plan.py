@@ -67,9 +67,9 @@ class StagePlan:
 
     def write(self, directory: Path) -> Path:
         """Write the plan as `posttrain_plan.json` into `directory` (a model or checkpoint dir)."""
-        from posttrain.manifest import atomic_write_json
+        from posttrain import atomic
         path = Path(directory) / PLAN_FILE
-        atomic_write_json(path, self.to_dict())
+        atomic.write_json(path, self.to_dict())
         return path
 
 
@@ -88,13 +88,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def resolve_ref(ref: str, manifest) -> dict[str, Any]:
-    """A model reference → `{from, path}`, plus `stage`/`stage_ended` when it is a stage.
+    """A model reference → `{from, path}`, plus `stage`/`stage_ended` when it is a stage and
+    `gguf` (file, sha256, architecture, tensor types) when it is a GGUF file.
 
     A stage of the run wins over a same-named folder in the working dir (`init_from: sft` means
-    the run's `sft`, never `./sft`); then an existing path; then, for a bare name, the run's stage
+    the run's `sft`, never `./sft`); then a GGUF file (converted once to an HF dir, cached by its
+    hash: posttrain.gguf_import); then an existing path; then, for a bare name, the run's stage
     (which reports that it has not run); else a hub id, which loading checks.
     """
+    from posttrain.gguf_import import imported_dir, is_gguf_ref
+
     expanded = Path(ref).expanduser()
+    if manifest.stage(ref) is None and is_gguf_ref(ref):
+        path, record = imported_dir(ref)
+        return {"from": ref, "path": str(path), "gguf": record}
     if manifest.stage(ref) is not None or ("/" not in ref and not expanded.exists()):
         path = manifest.resolve(ref)  # UserError when missing or unfinished
         return {"from": ref, "path": str(path), "stage": ref,
@@ -131,11 +138,10 @@ def _fails(config_cls: type, output_dir: Path, settings: dict[str, Any]) -> bool
     return False
 
 
-def build_plan(kind: str, recipe, run: str, manifest, stage_dir: Path) -> StagePlan:
-    """Resolve `recipe` against the run: references, data, trainer config, output."""
-    from posttrain.data import resolve_stage_data
-
-    data_refs = resolve_stage_data(recipe, manifest)
+def build_plan(kind: str, recipe, run: str, manifest, stage_dir: Path,
+               data_refs: list[dict[str, Any]] | None = None) -> StagePlan:
+    """Resolve `recipe` against the run: references, trainer config, output. `data_refs`: the
+    `{stage: X}` datasets it reads, as `posttrain.data.resolve_stage_data` resolved them."""
     refs: dict[str, Any] = {name: resolve_ref(ref, manifest)
                             for name, ref in recipe.references(manifest).items() if ref}
     if data_refs:

@@ -13,15 +13,17 @@ import shutil
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.recipe import TrainingFields
 
 
 def check_fp8(recipe, init_path: str | None) -> None:
-    """`fp8: true` on a model with no layer that can train in FP8 is an error, not a no-op.
+    """`fp8: true` on a model with no layer that can train in FP8 is an error, not a no-op (a
+    stage that trains nothing has no `fp8` field).
 
     The model is built on the meta device (no weights, no memory) and put through the same
     conversion training uses, so what counts as eligible is defined in one place (posttrain.fp8).
     """
-    if not recipe.fp8 or not init_path:
+    if not isinstance(recipe, TrainingFields) or not recipe.fp8 or not init_path:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

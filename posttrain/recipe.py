@@ -24,14 +24,15 @@ from posttrain.errors import UserError
 
 @dataclasses.dataclass
 class Recipe:
-    """Fields every stage has. Stage recipes subclass this and add their own fields.
+    """Fields every stage has. Stage recipes subclass this and add their own fields; a stage that
+    trains also mixes in `TrainingFields`.
 
     Attributes:
         stage: Stage kind (`sft`, `grpo`, ...); must match the command that runs it.
         name: Key of this stage in the run manifest (default: `stage`). Lets one run hold two
             stages of a kind, e.g. `sft` and `sft_rs`.
         init_from: Where the model comes from: a finished stage of the same run (`sft`), a local
-            model dir, or a hub id.
+            model dir, a `.gguf` file or a hub id.
         seed: Seed for data generation, sampling and training.
         threads: torch CPU threads (default: all cores, at most 8).
         eval_suite: Suite YAML run when the stage finishes; null to skip.
@@ -40,6 +41,82 @@ class Recipe:
             format rewards, the rejection filter, DPO pairing (posttrain.answer_format).
         system_prompt: System turn put before every prompt; `auto`: the answer format's (the
             tag instruction for `tags`, none for `boxed`, as R1 prompts); null for none.
+        chat_template: The chat template prompts are rendered with: null for the model's own
+            (a base checkpoint without one gets R1-Zero's prompt, with a notice), `r1_zero`
+            (posttrain.templates), or a Jinja template.
+    """
+
+    stage: str = ""
+    name: str | None = None
+    init_from: str | None = None
+    seed: int = 42
+    threads: int | None = None
+    eval_suite: str | None = "eval/tiny.yaml"
+    answer_format: str = "tags"
+    system_prompt: str | None = "auto"
+    chat_template: str | None = None
+
+    # Subclasses set these.
+    KIND: ClassVar[str] = ""
+    # Fields the stage requires to be set in the YAML (checked after loading).
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+    # What the stage makes (`model` or `dataset`) and its dir under runs/<run>/<stage>/.
+    OUTPUT: ClassVar[str] = "model"
+    OUTPUT_DIR: ClassVar[str] = "model"
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or self.stage
+
+    def validate(self) -> None:
+        """Cross-field checks; raise UserError, change nothing. Subclasses extend."""
+        formats.check(self.answer_format)
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+        check_template(self.chat_template)
+
+    def derived(self) -> dict[str, Any]:
+        """Values that follow from the others (`system_prompt: auto` → the format's prompt):
+        `resolved` writes them into a new recipe. Subclasses add theirs."""
+        if self.system_prompt == "auto":
+            return {"system_prompt": formats.default_system_prompt(self.answer_format)}
+        return {}
+
+    def resolved(self) -> Recipe:
+        """A copy of this (validated) recipe with every derived value filled in: what runs."""
+        return dataclasses.replace(self, **self.derived())
+
+    def values(self) -> dict[str, Any]:
+        """The recipe's values: own fields (defaults included), then its TRL keys, flat."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trainer"}
+        out.update(getattr(self, "trainer", {}))
+        return out
+
+    def trainer_config(self) -> str | None:
+        """The TRL config class this recipe builds; None for a stage that trains nothing."""
+        return None
+
+    def tokenizer_options(self) -> dict[str, Any]:
+        """How the stage's tokenizers render prompts (`posttrain.models.load_tokenizer`)."""
+        return {"chat_template": self.chat_template, "answer_format": self.answer_format}
+
+    def references(self, manifest) -> dict[str, str | None]:
+        """Model references to resolve (name → stage, dir or hub id). Subclasses add theirs."""
+        return {"init": self.init_from}
+
+
+@dataclasses.dataclass
+class TrainingFields:
+    """Fields of a stage that trains a model, mixed into its `Recipe` before the base class.
+
+    TRL keys (fields of the stage's TRL config, under TRL's names) are collected in `trainer`.
+    They reach the TRL config by one rule, written in `trainer_settings`: later layers win —
+    `TRAINER_BASE` < the stage's `TRAINER_DEFAULTS` < the preset's settings (a GRPO objective, a
+    distillation method) < the recipe's own keys < what the stage derives from its own fields
+    (GRPO's `reward_weights`). A key of the first three layers the selected config lacks is left
+    out (those defaults serve several configs); a recipe key it lacks is an error.
+
+    Attributes:
         fp8: Train the eligible Linear layers and routed experts in DeepSeek-V3-style
             fine-grained FP8 (posttrain.fp8) from FP32 master weights; embeddings, head, routers
             and norms stay as they are. A mapping picks GEMMs, layers kept in high precision and
@@ -54,91 +131,75 @@ class Recipe:
             e.g. to compare an RL arm with distillation at equal wall time.
     """
 
-    stage: str = ""
-    name: str | None = None
-    init_from: str | None = None
-    seed: int = 42
-    threads: int | None = None
-    eval_suite: str | None = "eval/tiny.yaml"
-    answer_format: str = "tags"
-    system_prompt: str | None = "auto"
     fp8: bool | dict[str, Any] = False
     ema: dict[str, Any] | None = None
     moe_balance: dict[str, Any] | None = None
     max_train_seconds: float | None = None
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    # Subclasses set these.
-    KIND: ClassVar[str] = ""
     # Lazily imported TRL config class path, e.g. "trl.SFTConfig": its fields are accepted.
-    TRAINER_CONFIG: ClassVar[str | None] = None
-    # Other configs a recipe may select (`trainer_config()`): their fields are accepted too, and
-    # the stage checks the keys against the one selected.
+    TRAINER_CONFIG: ClassVar[str] = ""
+    # Other configs a recipe may select (`trainer_config()`): their fields are accepted by the
+    # parser too, and `validate` checks the keys against the one selected.
     OTHER_TRAINER_CONFIGS: ClassVar[tuple[str, ...]] = ()
     # The stage's defaults for TRL fields (over TRAINER_BASE, under the recipe's own keys).
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = {}
-    # Fields the stage requires to be set in the YAML (checked after loading).
-    REQUIRED: ClassVar[tuple[str, ...]] = ()
-    # What the stage makes (`model` or `dataset`) and its dir under runs/<run>/<stage>/.
-    OUTPUT: ClassVar[str] = "model"
-    OUTPUT_DIR: ClassVar[str] = "model"
-
-    def __post_init__(self) -> None:
-        if self.system_prompt == "auto" and self.answer_format in formats.ANSWER_FORMATS:
-            self.system_prompt = formats.default_system_prompt(self.answer_format)
-
-    @property
-    def stage_name(self) -> str:
-        return self.name or self.stage
 
     def validate(self) -> None:
-        """Cross-field checks; raise UserError. Subclasses extend."""
-        formats.check(self.answer_format)
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"threads must be >= 1, got {self.threads}")
+        super().validate()  # type: ignore[misc]
         # TRL fields every stage shares; 0 or less is a typo the trainer would accept silently
         # (save_steps: 0 trains without ever checkpointing).
-        positive(self, "max_train_seconds", "save_steps", "logging_steps", "eval_steps", "save_total_limit",
-                 "gradient_accumulation_steps", "per_device_train_batch_size",
-                 "per_device_eval_batch_size", "max_length", "num_train_epochs")
+        positive(self, "max_train_seconds", "save_steps", "logging_steps", "eval_steps",
+                 "save_total_limit", "gradient_accumulation_steps",
+                 "per_device_train_batch_size", "per_device_eval_batch_size", "max_length",
+                 "num_train_epochs")
         if self.fp8 is not False:
             from posttrain.fp8 import FP8Config
             FP8Config.parse(self.fp8)
-            if self.fp8 == {}:   # the defaults, spelled as a mapping: on, like `true`
-                self.fp8 = True
         if self.ema is not None:
             from posttrain.ema import EMAConfig
             EMAConfig.parse(self.ema)
         if self.moe_balance is not None:
             from posttrain.moe_balance import BalanceConfig
             BalanceConfig.parse(self.moe_balance)
+        accepted = self.trainer_fields()
+        stray = sorted(k for k in self.trainer if k not in accepted)
+        if stray:
+            raise UserError(f"{', '.join(stray)}: not a field of {self.trainer_config()}, the "
+                            f"trainer config this {self.KIND} recipe runs")  # type: ignore[attr-defined]
 
-    def values(self) -> dict[str, Any]:
-        """The recipe's values: own fields (defaults included), then its TRL keys, flat."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trainer"}
-        out.update(self.trainer)
+    def derived(self) -> dict[str, Any]:
+        out = super().derived()  # type: ignore[misc]
+        if self.fp8 == {}:  # the defaults, spelled as a mapping: on, like `true`
+            out["fp8"] = True
         return out
 
-    def trainer_config(self) -> str | None:
+    def trainer_config(self) -> str:
         """The TRL config class this recipe builds (a GRPO objective may pick another)."""
         return self.TRAINER_CONFIG
 
     def trainer_fields(self) -> set[str]:
-        """The keyword fields of that config: what a recipe's TRL keys may name."""
-        path = self.trainer_config()
-        return {f.name for f in dataclasses.fields(_import(path)) if f.init} if path else set()
+        """The keyword fields of that config: what the recipe's TRL keys may name."""
+        return {f.name for f in dataclasses.fields(_import(self.trainer_config())) if f.init}
 
-    def references(self, manifest) -> dict[str, str | None]:
-        """Model references to resolve (name → stage, dir or hub id). Subclasses add theirs."""
-        return {"init": self.init_from}
+    def preset_settings(self) -> dict[str, Any]:
+        """TRL settings a preset picked by the recipe sets (an objective, a method); none here."""
+        return {}
+
+    def own_settings(self) -> dict[str, Any]:
+        """TRL settings the stage derives from its own fields (the recipe may not set them)."""
+        return {}
 
     def trainer_settings(self) -> dict[str, Any]:
-        """The TRL config's keyword arguments: TRAINER_BASE < the stage's defaults < the recipe."""
+        """The TRL config's keyword arguments, by the rule in the class docstring."""
         import torch
 
         on_gpu = torch.cuda.is_available()
-        base = {**TRAINER_BASE, "seed": self.seed, "use_cpu": not on_gpu, "bf16": on_gpu}
-        return {**base, **self.TRAINER_DEFAULTS, **self.trainer}
+        accepted = self.trainer_fields()
+        base = {**TRAINER_BASE, "seed": self.seed, "use_cpu": not on_gpu, "bf16": on_gpu}  # type: ignore[attr-defined]
+        settings = {k: v for layer in (base, self.TRAINER_DEFAULTS, self.preset_settings())
+                    for k, v in layer.items() if k in accepted}
+        return {**settings, **self.trainer, **self.own_settings()}
 
 
 # Our defaults for every stage's TRL config (a stage's TRAINER_DEFAULTS and the recipe override).
@@ -146,6 +207,15 @@ TRAINER_BASE: dict[str, Any] = dict(
     report_to="none", logging_steps=5, save_strategy="steps", save_steps=50, save_total_limit=2,
     dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True,
 )
+
+
+def check_template(template: str | None, where: str = "chat_template") -> None:
+    """UserError unless `template` is null, a named template or Jinja."""
+    from posttrain.templates import NAMED
+    if template is not None and template not in NAMED and "{{" not in template \
+            and "{%" not in template:
+        raise UserError(f"{where}: {template!r} is neither a named template "
+                        f"({', '.join(NAMED)}) nor a Jinja chat template")
 
 
 def _import(path: str) -> type:
@@ -262,12 +332,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_recipe(cls: type[Recipe], data: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Typed recipe from a flat mapping; unknown keys and bad values raise UserError."""
+    """Typed, validated, resolved recipe from a flat mapping; unknown keys and bad values raise
+    UserError."""
     own_hints = _type_hints(cls)
     own = {f.name for f in dataclasses.fields(cls) if f.name != "trainer"}
     trainer_hints: dict[str, Any] = {}
-    for path in reversed((cls.TRAINER_CONFIG, *cls.OTHER_TRAINER_CONFIGS) if cls.TRAINER_CONFIG
-                         else ()):
+    configs = (cls.TRAINER_CONFIG, *cls.OTHER_TRAINER_CONFIGS) \
+        if issubclass(cls, TrainingFields) else ()
+    for path in reversed(configs):
         tcls = _import(path)  # the main config last: its types win for a shared field
         trainer_hints.update({f.name: _type_hints(tcls).get(f.name, Any)
                               for f in dataclasses.fields(tcls) if f.init})
@@ -289,9 +361,9 @@ def build_recipe(cls: type[Recipe], data: dict[str, Any], source: str = "recipe"
     for key in cls.REQUIRED:
         if kwargs.get(key) in (None, "", []):
             raise UserError(f"{source}: {key!r} is required for stage {cls.KIND!r}")
-    recipe = cls(**kwargs, trainer=trainer)
+    recipe = cls(**kwargs, **({"trainer": trainer} if issubclass(cls, TrainingFields) else {}))
     recipe.validate()
-    return recipe
+    return recipe.resolved()
 
 
 def load_recipe(cls: type[Recipe], path: str | Path, overrides: dict[str, str] | None = None
@@ -310,6 +382,6 @@ def load_recipe(cls: type[Recipe], path: str | Path, overrides: dict[str, str] |
 def positive(recipe: Recipe, *names: str) -> None:
     """UserError unless each named numeric field (own or trainer) is > 0 where set."""
     for name in names:
-        value = recipe.trainer.get(name, getattr(recipe, name, None))
+        value = getattr(recipe, "trainer", {}).get(name, getattr(recipe, name, None))
         if value is not None and not value > 0:
             raise UserError(f"{name} must be > 0, got {value}")

@@ -14,8 +14,9 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from posttrain import atomic
 from posttrain.errors import UserError
-from posttrain.manifest import Manifest, atomic_write_text
+from posttrain.manifest import Manifest
 from posttrain.plots import (
     plot_bars,
     plot_dpo_curves,
@@ -24,68 +25,7 @@ from posttrain.plots import (
     read_log,
     series,
 )
-
-EVAL_COLUMNS = ("stage", "suite/task", "pass@1", "unscored", "pass@k", "maj@k", "format",
-                "tokens")
-
-
-def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
-    """A Markdown table padded to column width (text left, figures right)."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    numeric = [bool(rows) and all(_is_number(r[i]) for r in rows) for i in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).rjust(w) if num else str(c).ljust(w)
-                                 for c, w, num in zip(cells, widths, numeric)) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
-                          for w, num in zip(widths, numeric)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(str(text).rstrip("%s"))
-        return True
-    except ValueError:
-        return str(text) == "–"
-
-
-def _k_value(m: dict[str, Any], prefix: str) -> float | None:
-    return next((v for k, v in m.items() if k.startswith(prefix) and k != "pass@1"
-                 and k[len(prefix):].isdigit()), None)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if isinstance(v, bool) or v is None:
-        return "–" if v is None else str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def eval_rows(stages: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """One row per (stage, suite, task) with the main figures, in the run's stage order."""
-    rows = []
-    for name, entry in stages.items():
-        for suite, tasks in (entry.get("eval") or {}).items():
-            for task, m in tasks.items():
-                k = _k_value(m, "pass@")
-                rows.append([name, f"{suite}/{task}", _fmt(m.get("pass@1")),
-                             _fmt(m.get("unscorable", 0)), _fmt(k),
-                             _fmt(_k_value(m, "maj@")), _fmt(m.get("format_rate")),
-                             _fmt(m.get("mean_tokens"), 1)])
-    return rows
-
-
-def eval_table(stages: dict[str, dict[str, Any]]) -> str:
-    """The per-stage eval table (what `make demo` prints at the end)."""
-    rows = eval_rows(stages)
-    k = next((key.split("@")[1] for e in stages.values() for tasks in (e.get("eval") or {}).values()
-              for m in tasks.values() for key in m if key.startswith("maj@")), "k")
-    header = [c.replace("@k", f"@{k}") for c in EVAL_COLUMNS]
-    return markdown_table(header, rows) if rows else "(no eval figures yet)"
+from posttrain.tables import eval_table, fmt, markdown_table
 
 
 def _duration(entry: dict[str, Any]) -> str:
@@ -113,7 +53,7 @@ def stages_table(stages: dict[str, dict[str, Any]]) -> str:
         metrics = e.get("metrics") or {}
         loss = metrics.get("train_loss")
         rows.append([name, e.get("kind", ""), e.get("status", ""), _source(e),
-                     _duration(e), _fmt(loss) if isinstance(loss, float) else "–"])
+                     _duration(e), fmt(loss) if isinstance(loss, float) else "–"])
     return markdown_table(["stage", "kind", "status", "from", "time", "train loss"], rows)
 
 
@@ -134,7 +74,7 @@ def dpo_table(init: dict[str, Any], dpo: dict[str, Any], name: str) -> str:
         a, b = _by_task(init)[t], _by_task(dpo)[t]
         row = [t]
         for key, digits in (("pass@1", 3), ("format_rate", 3), ("mean_tokens", 1)):
-            row += [_fmt(a.get(key), digits), _fmt(b.get(key), digits),
+            row += [fmt(a.get(key), digits), fmt(b.get(key), digits),
                     _delta(a.get(key), b.get(key), digits)]
         rows.append(row)
     header = ["suite/task"] + [f"{k} {s}" for k in ("pass@1", "format", "tokens")
@@ -147,7 +87,7 @@ def wide_table(stages: dict[str, dict[str, Any]], names: list[str], labels: dict
     """One row per suite/task, one column of `key` per named stage."""
     names = [n for n in names if n in stages and _by_task(stages[n])]
     tasks = sorted({t for n in names for t in _by_task(stages[n])})
-    rows = [[t, *(_fmt(_by_task(stages[n]).get(t, {}).get(key)) for n in names)] for t in tasks]
+    rows = [[t, *(fmt(_by_task(stages[n]).get(t, {}).get(key)) for n in names)] for t in tasks]
     return markdown_table(["suite/task", *(labels.get(n, n) for n in names)], rows)
 
 
@@ -249,7 +189,7 @@ def write_report(run: str, root: Path | None = None) -> Path:
         facts = {k: metrics.get(k) for k in ("pairs", "prompts_no_pair", "final_reward_margin",
                                              "final_preference_accuracy") if k in metrics}
         if facts:
-            lines += [f"`{n}`: " + ", ".join(f"{k} {_fmt(v)}" for k, v in facts.items()), ""]
+            lines += [f"`{n}`: " + ", ".join(f"{k} {fmt(v)}" for k, v in facts.items()), ""]
         init = _init_stage(e)
         if init in stages and _by_task(stages[init]) and _by_task(e):
             lines += [f"Against its init `{init}`: the preference target is a higher format rate "
@@ -276,5 +216,5 @@ def write_report(run: str, root: Path | None = None) -> Path:
         _image(lines, _pass1_plot(stages, names, plots / "distill_vs_rl.png",
                                   "distilled vs RL-only students"), "distillation vs RL", run_dir)
     out = run_dir / "report.md"
-    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
+    atomic.write_text(out, "\n".join(lines).rstrip() + "\n")
     return out

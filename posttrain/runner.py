@@ -18,13 +18,14 @@ import traceback
 from pathlib import Path
 
 from posttrain import dist
+from posttrain.data import resolve_stage_data
 from posttrain.errors import UserError
 from posttrain.manifest import Manifest, process_state
 from posttrain.plan import build_plan
 from posttrain.preflight import check_fp8, check_writable
 from posttrain.recipe import Recipe, load_recipe
 from posttrain.stages import stage_module
-from posttrain.stages.common import StageContext
+from posttrain.stages.context import StageContext
 
 
 def prepare(kind: str, recipe_path: str, run: str, overrides: dict[str, str],
@@ -39,7 +40,8 @@ def prepare(kind: str, recipe_path: str, run: str, overrides: dict[str, str],
             and process_state(prev) == "alive"):
         raise UserError(f"stage {name!r} of run {run!r} is running now (pid {prev['pid']}); "
                         f"wait for it to end, or stop it, then rerun to resume")
-    plan = build_plan(kind, recipe, run, manifest, manifest.stage_dir(name))
+    recipe, data_refs = resolve_stage_data(recipe, manifest)
+    plan = build_plan(kind, recipe, run, manifest, manifest.stage_dir(name), data_refs)
     # Resume only an unfinished attempt of the same plan; a changed plan starts over.
     resume = bool(prev and prev.get("status") != "done" and not force
                   and prev.get("plan_sha256") == plan.sha256)
@@ -47,9 +49,8 @@ def prepare(kind: str, recipe_path: str, run: str, overrides: dict[str, str],
     if recipe.eval_suite:
         from posttrain.evaluate import load_suite
         load_suite(recipe.eval_suite)
-    if hasattr(module, "preflight"):
-        with _quiet_datasets():  # an error here must be the only line the user sees
-            module.preflight(recipe, ctx)
+    with _quiet_datasets():  # an error here must be the only line the user sees
+        module.preflight(recipe, ctx)
     check_fp8(recipe, ctx.init_path)
     check_writable(ctx.stage_dir, ctx.init_path)
     return recipe, ctx, module
@@ -116,7 +117,7 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
                 elif p.exists():
                     p.unlink()
         manifest.begin(plan)
-        print(f"[posttrain] {kind} stage {name!r} of run {run!r} → {ctx.model_dir}"
+        print(f"[posttrain] {kind} stage {name!r} of run {run!r} → {ctx.output_dir}"
               + (f" ({dist.world_size()} processes)" if dist.world_size() > 1 else ""),
               file=sys.stderr)
     dist.barrier()
@@ -136,7 +137,12 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
         return {}
     manifest.finish(name, metrics)
     if eval_after and recipe.eval_suite:
-        from posttrain.evaluate import format_table, run_eval
-        results = run_eval(manifest, name, recipe.eval_suite)
-        print(format_table({name: {Path(recipe.eval_suite).stem: results}}))
+        from posttrain.evaluate import run_eval
+        from posttrain.rollout import release_engines
+        from posttrain.tables import eval_table
+        try:
+            results = run_eval(manifest, name, recipe.eval_suite)
+        finally:
+            release_engines()  # the next stage of a chain trains on this memory (or GPU)
+        print(eval_table({name: {"eval": {Path(recipe.eval_suite).stem: results}}}))
     return manifest.stage(name)

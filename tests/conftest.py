@@ -76,3 +76,23 @@ def teacher_run(tiny_run) -> str:
 def manifest(tiny_run):
     from posttrain.manifest import Manifest
     return Manifest(tiny_run)
+
+
+@pytest.fixture
+def engines_at_train_start(monkeypatch) -> list[list[str]]:
+    """A spy on transformers' `Trainer.train` (every TRL trainer trains through it): it records
+    which generation engines (`posttrain.rollout.live_engines`) are alive when a trainer starts,
+    then trains as usual. One list per `train` call."""
+    from transformers import Trainer
+
+    from posttrain.rollout import live_engines
+
+    seen: list[list[str]] = []
+    real_train = Trainer.train
+
+    def train(self, *args, **kwargs):
+        seen.append(live_engines())
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    return seen

@@ -96,6 +96,43 @@ def test_grpo_two_processes_match_one(tiny_run):
           f"{[one[s]['reward'] for s in one]}")
 
 
+@pytest.mark.slow
+def test_grpo_refill_on_two_processes(tiny_run):
+    """DAPO refill under accelerate: each process refills its own groups, the processes agree on
+    the rounds, and the plan records refill as what ran. Accuracy alone on a 40-step model leaves
+    most groups all wrong, so steps need further rounds."""
+    args = [a for a in GRPO_ARGS]
+    args[args.index("--dynamic_sampling") + 1] = "refill"
+    args[args.index("--rewards") + 1] = "{accuracy: 1.0}"
+    args[args.index("--top_k") + 1] = "0"  # sampled: groups can differ
+    proc = _launch(["grpo", *args, "--per_device_train_batch_size", "4", "--temperature", "1.0",
+                    "--max_sampling_rounds", "3", "--name", "grpo_refill", "--run", tiny_run],
+                   via_launcher=True)
+    _check_written_once(tiny_run, "grpo_refill", proc)
+    entry = Manifest(tiny_run).stage("grpo_refill")
+    assert entry["plan"]["recipe"]["dynamic_sampling"] == "refill"
+    steps = [r for r in _records(tiny_run, "grpo_refill").values() if "reward" in r]
+    rounds = [r["dynamic_sampling/rounds"] for r in steps]
+    assert len(steps) == 2 and all(1 <= x <= 3 for x in rounds) and max(rounds) > 1, rounds
+    assert all(r["dynamic_sampling/generated_frac"] >= 1 for r in steps)
+
+
+@pytest.mark.slow
+def test_refill_that_would_split_groups_is_refused_in_every_rank(tiny_run):
+    """3 samples per process cannot hold whole groups of 2. `posttrain.launch` already refuses
+    that layout (TRL's own check, seen from one process); launched by hand, each rank's preflight
+    refuses it in one line and nothing is written."""
+    cmd, env = launch.command("ddp", 2, ["grpo", *GRPO_ARGS, "--dynamic_sampling", "refill",
+                                         "--per_device_train_batch_size", "3",
+                                         "--name", "grpo_split", "--run", tiny_run])
+    env.update(POSTTRAIN_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "posttrain: error: dynamic_sampling: refill on 2 processes needs each process's " \
+           "share of a generation" in proc.stderr
+    assert Manifest(tiny_run).stage("grpo_split") is None
+
+
 REJECTION_ARGS = ["recipes/tiny/rejection.yaml", "--samples_per_prompt", "4", "--max_new_tokens",
                   "32", "--rollout_batch_size", "8", "--check_steps", "false", "--prompt_data",
                   "[{task: arithmetic, n: 20, digits: 1}]"]

@@ -18,7 +18,7 @@ import yaml
 
 from posttrain.demo import CHAIN, available, run_chain
 from posttrain.manifest import Manifest
-from posttrain.recipe import read_yaml
+from posttrain.recipe import TrainingFields, read_yaml
 from posttrain.stages import stage_module
 
 # What conftest's `tiny_run` ran base and sft with: the chain asks for the same, so both skip.
@@ -40,7 +40,7 @@ def shrink(kind: str, recipe_path: str, suite: Path, prefs: Path) -> dict[str, s
     recipe_cls = stage_module(kind).Recipe
     evaluates = data.get("eval_suite", recipe_cls.__dataclass_fields__["eval_suite"].default)
     out = {"eval_suite": str(suite)} if evaluates else {}  # a data stage has no model to eval
-    if recipe_cls.TRAINER_CONFIG:
+    if issubclass(recipe_cls, TrainingFields):
         out.update(max_steps="2", save_steps="1000", logging_steps="1")
     for key, value in data.items():
         if key == "prompt_data" and "temperature" in data:
@@ -65,7 +65,7 @@ def shrink(kind: str, recipe_path: str, suite: Path, prefs: Path) -> dict[str, s
 
 
 @pytest.mark.slow
-def test_whole_chain(tiny_run, tmp_path):
+def test_whole_chain(tiny_run, tmp_path, engines_at_train_start):
     suite = tmp_path / "chain.yaml"
     suite.write_text(yaml.safe_dump(SUITE))
     prefs = tmp_path / "prefs.jsonl"
@@ -82,6 +82,9 @@ def test_whole_chain(tiny_run, tmp_path):
     m.save()
     overrides = {recipe: shrink(kind, recipe, suite, prefs) for kind, recipe in chain}
     names = run_chain("chain", chain, overrides, suite=str(suite))
+    # Every stage evaluated itself (an HF model cached for the suite's tasks) and distill and
+    # dpo sampled first: no engine was alive when any trainer started.
+    assert engines_at_train_start and all(alive == [] for alive in engines_at_train_start)
 
     m = Manifest("chain")
     assert len(names) == len(chain) and len(set(names)) == len(names)

@@ -62,12 +62,15 @@ def _overrides(**extra: str) -> dict[str, str]:
             "learning_rate": "0.001", "eval_suite": "null", **extra}
 
 
-def test_dpo_stage_from_scored_samples(tiny_run):
+def test_dpo_stage_from_scored_samples(tiny_run, engines_at_train_start):
     from posttrain.manifest import Manifest
     from posttrain.plots import read_log
     from posttrain.runner import run_stage
 
     entry = run_stage("dpo", "recipes/tiny/dpo.yaml", tiny_run, _overrides(), eval_after=False)
+    # The pairs were sampled with the HF backend, whose model stays cached for reuse: it was
+    # let go of before DPO trained.
+    assert engines_at_train_start == [[]]
     manifest = Manifest(tiny_run)
     assert entry["status"] == "done" and entry["kind"] == "dpo"
     stage_dir = manifest.stage_dir("dpo")
@@ -82,6 +85,10 @@ def test_dpo_stage_from_scored_samples(tiny_run):
     # TRL's margins and preference accuracy reached logs.jsonl; the plot was drawn.
     logs = read_log(stage_dir / "logs.jsonl")
     assert any("rewards/margins" in r and "rewards/accuracies" in r for r in logs)
+    # It learned the preference: the chosen-minus-rejected reward margin grew from ~0 (policy
+    # = reference at the first step) and ends positive.
+    margins = [r["rewards/margins"] for r in logs if "rewards/margins" in r]
+    assert abs(margins[0]) < 0.05 and margins[-1] > margins[0] + 0.05 and margins[-1] > 0
     assert (stage_dir / "dpo_margins.png").stat().st_size > 1000
     # A loadable HF model with its recipe, that later stages resolve through the manifest.
     model_dir = manifest.resolve("dpo")

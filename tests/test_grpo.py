@@ -38,6 +38,14 @@ def test_grpo_trains_logs_and_saves(manifest, tiny_run):
     png = stage_dir / "reward_curve.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert entry["metrics"]["reward_last"] is not None
+    # It learned from its rewards: groups with differing rewards gave a policy gradient, and the
+    # saved weights moved away from the SFT init they started from.
+    assert any(r["frac_reward_zero_std"] < 1.0 for r in steps)
+    from posttrain.models import load_model
+    before = load_model(manifest.resolve("sft")).state_dict()
+    after = load_model(stage_dir / "model").state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(moved) > len(before) // 2, f"only {len(moved)} of {len(before)} tensors changed"
 
 
 @pytest.mark.parametrize("overrides, message", [

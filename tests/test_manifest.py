@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from plans import plan
 
-from posttrain import manifest as manifest_mod
+from posttrain import atomic
 from posttrain.errors import UserError
-from posttrain.manifest import Manifest, atomic_write_json, atomic_write_text
+from posttrain.manifest import Manifest
 from posttrain.plan import plan_sha256, resolve_ref
 
 
@@ -22,22 +22,22 @@ def _run_stage(m: Manifest, name: str, init_from: str | None = None, done: bool 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "sub" / "m.json"
-    atomic_write_json(path, {"a": 1})
-    atomic_write_json(path, {"b": [1, 2]})
+    atomic.write_json(path, {"a": 1})
+    atomic.write_json(path, {"b": [1, 2]})
     assert json.loads(path.read_text()) == {"b": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp files left
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "m.json"
-    atomic_write_text(path, "old\n")
+    atomic.write_text(path, "old\n")
 
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(manifest_mod.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new\n")
+        atomic.write_text(path, "new\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

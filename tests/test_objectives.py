@@ -59,7 +59,7 @@ def test_a_recipe_key_wins_over_the_preset():
     ({"dynamic_sampling": "sometimes"}, "dynamic_sampling must be"),
     ({"max_sampling_rounds": "0"}, "max_sampling_rounds"),
     ({"objective": "rloo", "dynamic_sampling": "refill"}, "dynamic_sampling works with"),
-    ({"objective": "rloo", "loss_type": "dapo"}, "loss_type is not a field of trl.RLOOConfig"),
+    ({"objective": "rloo", "loss_type": "dapo"}, "loss_type: not a field of trl.RLOOConfig"),
 ])
 def test_bad_objective_settings_are_one_line_errors(over, message):
     with pytest.raises(UserError, match=message):

@@ -73,8 +73,8 @@ def _suite(path: Path) -> Path:
         "name": "smoke", "answer_format": "boxed", "n": 2, "k": 2, "temperature": 0.6,
         "top_p": 0.95, "max_new_tokens": 16, "backend": "hf",
         "tasks": [{"name": "gsm8k", "path": "gsm8k/test.jsonl", "hub": "openai/gsm8k",
-                   "config": "main", "split": "test", "problem_field": "question",
-                   "answer_field": "answer", "n_prompts": 2}]}))
+                   "config": "main", "split": "test", "prompt_column": "question",
+                   "answer_column": "answer", "n_prompts": 2}]}))
     return path
 
 
@@ -105,7 +105,7 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
         "rejection": {"prompt_data": prompts, **sample},
         "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"]), "n": 4}]),
                 **{k: v for k, v in sample.items() if k != "max_tokens"},
-                "temperature": "1.0", "max_steps": "1", "per_device_train_batch_size": "2",
+                "temperature": "0.5", "max_steps": "1", "per_device_train_batch_size": "2",
                 "max_length": "128", "precompute_ref_batch_size": "2"},
         "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,
                     "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},

@@ -1,4 +1,6 @@
-"""Every recipe under recipes/ parses against its stage's Recipe class (no download at parse time).
+"""Every recipe under recipes/ parses against its stage's Recipe class and builds the TRL config
+it would train with (no download at parse time): a full-size recipe whose real values break one
+of TRL's cross-field checks fails here, not on the GPU node.
 
 Files are discovered, not listed, so a recipe a teammate adds is checked the day it lands; its
 `stage:` picks the class through `posttrain.stages.STAGES`. recipes/accelerate/ holds accelerate
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.evaluate import load_suite
-from posttrain.recipe import load_recipe, read_yaml
+from posttrain.plan import trainer_args
+from posttrain.recipe import TrainingFields, load_recipe, read_yaml
 from posttrain.stages import STAGES, stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +29,7 @@ def test_recipes_are_found():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
-def test_recipe_parses(path: Path, monkeypatch):
+def test_recipe_parses_and_builds_its_trainer_config(path: Path, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # parsing must never reach for the hub
     stage = read_yaml(path).get("stage")
     assert stage in STAGES, f"{path}: stage {stage!r} is not one of {', '.join(STAGES)}"
@@ -34,6 +37,14 @@ def test_recipe_parses(path: Path, monkeypatch):
     assert recipe.stage == stage
     if recipe.eval_suite:  # the suite it names exists and parses too
         load_suite(ROOT / recipe.eval_suite)
+    if isinstance(recipe, TrainingFields):
+        settings = recipe.trainer_settings()
+        # bf16 needs a GPU (or a CPU build TRL accepts): checked with the recipe's other values.
+        args = trainer_args(recipe.trainer_config(), {**settings, "bf16": False},
+                            tmp_path, tuple(recipe.trainer))
+        for key, value in recipe.trainer.items():  # the recipe's own keys reach the config
+            if key != "bf16":
+                assert getattr(args, key) == value or isinstance(value, (list, dict)), key
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "tiny" not in p.relative_to(ROOT / "recipes").parts],
@@ -42,7 +53,7 @@ def test_full_size_recipes_use_real_models_and_bf16(path: Path):
     data = read_yaml(path)
     init = str(data.get("init_from", ""))
     assert "/" in init or init in STAGES, f"{path}: init_from should be a hub id or a stage"
-    if stage_module(data["stage"]).Recipe.TRAINER_CONFIG:  # data stages (rejection) train nothing
+    if issubclass(stage_module(data["stage"]).Recipe, TrainingFields):  # rejection trains nothing
         assert data.get("bf16") is True, f"{path}: full-size recipes train in bf16"
     assert data.get("answer_format") in ("boxed", "code"), \
         f"{path}: real models answer in R1's format (code tasks: a final code block)"

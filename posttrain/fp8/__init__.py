@@ -2,7 +2,7 @@
 layers (linear) and the FP8 checkpoint format (checkpoint).
 
 `fp8: true` (or `fp8: {...}`, an `FP8Config`) in a recipe calls `convert_to_fp8` on the stage's
-model (posttrain.stages.common), which loads it with FP32 master weights.
+model (posttrain.stages.training), which loads it with FP32 master weights.
 """
 
 from posttrain.fp8.gemm import calc_diff, fp8_gemm, gemm_reference, limited_precision_dot

@@ -27,8 +27,8 @@ from posttrain import dist
 from posttrain.errors import UserError
 from posttrain.rollout.types import Completion, Sampling
 
-__all__ = ["BACKENDS", "Completion", "Sampling", "generate", "pick_backend", "release_engines",
-           "render_prompt"]
+__all__ = ["BACKENDS", "Completion", "Sampling", "generate", "live_engines", "pick_backend",
+           "release_engines", "render_prompt"]
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -69,6 +69,13 @@ def release_engines() -> None:
     vllm_backend.close_engines()
 
 
+def live_engines() -> list[str]:
+    """The generation engines holding memory now (`hf:<dir>`, `vllm:<dir>`); [] after
+    `release_engines`."""
+    from posttrain.rollout import hf, vllm_backend
+    return [f"hf:{d}" for d in hf.loaded()] + [f"vllm:{d}" for d in vllm_backend.running()]
+
+
 def _cache_root(cache: bool | str | Path) -> Path | None:
     if cache is False or cache is None:
         return None
@@ -78,7 +85,8 @@ def _cache_root(cache: bool | str | Path) -> Path | None:
 
 def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampling: Sampling,
              backend: str = "hf", batch_size: int = 32, progress: bool = True,
-             cache: bool | str | Path = True, shard: bool = False) -> list[list[Completion]]:
+             cache: bool | str | Path = True, shard: bool = False,
+             tokenizer_options: dict[str, Any] | None = None) -> list[list[Completion]]:
     """`sampling.n` completions per prompt.
 
     Args:
@@ -92,6 +100,8 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
         shard: Under `accelerate launch`, split the work across the processes (every one of them
             must make this call): each generates its share, and all get every result back. The
             samples equal a single process's (per-batch / per-prompt seeds).
+        tokenizer_options: How a model dir's tokenizer renders chat prompts
+            (`posttrain.models.load_tokenizer`: chat_template, answer_format).
 
     Returns:
         One list of `sampling.n` completions per prompt, in order (prompts with the same
@@ -106,7 +116,7 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
         tokenizer = model_ref[1]
     else:
         from posttrain.models import load_tokenizer
-        tokenizer = load_tokenizer(model_ref)
+        tokenizer = load_tokenizer(model_ref, **(tokenizer_options or {}))
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     # One set of samples per distinct prompt text: the cache keys by text, so duplicated prompts
     # must share samples on a cold run too, or a warm rerun would return different data.

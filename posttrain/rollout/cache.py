@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from posttrain.manifest import atomic_write_text
+from posttrain import atomic
 from posttrain.rollout.types import Completion, Sampling
 
 # Files that never change what a model generates.
@@ -48,7 +48,7 @@ def _file_sha(path: Path, memo_dir: Path | None) -> str:
             h.update(block)
     digest = h.hexdigest()
     if memo is not None:
-        atomic_write_text(memo, digest)
+        atomic.write_text(memo, digest)
     return digest
 
 
@@ -120,4 +120,4 @@ class RolloutCache:
 
     def put(self, prompt_text: str, completions: list[Completion]) -> None:
         rows = [dataclasses.asdict(c) for c in completions]
-        atomic_write_text(self._path(self.key(prompt_text)), json.dumps(rows))
+        atomic.write_text(self._path(self.key(prompt_text)), json.dumps(rows))

@@ -27,6 +27,11 @@ def load_cached(model_dir: str, fingerprint: str | None = None):
     return _LOADED[key]
 
 
+def loaded() -> list[str]:
+    """The model dirs whose model is cached here (at most one)."""
+    return [key.split("|")[0] for key in _LOADED]
+
+
 def release() -> None:
     """Drop the cached model (see `posttrain.rollout.release_engines`)."""
     _LOADED.clear()

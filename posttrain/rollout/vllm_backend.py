@@ -138,6 +138,11 @@ def _last_error(log: Path) -> str:
 _WORKER: _Worker | None = None
 
 
+def running() -> list[str]:
+    """The model dir whose engine process is up (at most one)."""
+    return [_WORKER.model_dir] if _WORKER is not None and _WORKER.proc.poll() is None else []
+
+
 def close_engines() -> None:
     """Stop the engine process (frees its memory, e.g. before training on the same GPU)."""
     global _WORKER

@@ -20,18 +20,13 @@ from posttrain.data import prompt_messages, task_rows
 from posttrain.errors import UserError
 from posttrain.models import TINY_CONFIGS, build_tiny_model, count_params, train_tokenizer
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
-from posttrain.stages.common import (
-    StageContext,
-    last_checkpoint,
-    prepare_model,
-    save_final,
-    stage_callbacks,
-)
+from posttrain.recipe import TrainingFields, positive
+from posttrain.stages.context import StageContext
+from posttrain.stages.training import run_training
 
 
 @dataclasses.dataclass
-class Recipe(BaseRecipe):
+class Recipe(TrainingFields, BaseRecipe):
     """Base-model recipe.
 
     Attributes:
@@ -114,16 +109,14 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     if recipe.system_prompt:
         corpus += [recipe.system_prompt] * 50
     tokenizer = train_tokenizer(corpus, tok_dir, vocab_size=recipe.vocab_size)
-    model = prepare_model(build_tiny_model(recipe.arch, tokenizer, seed=recipe.seed,
-                                           **recipe.model_config), recipe)
-    print(f"[posttrain] built {recipe.arch} with {count_params(model) / 1e6:.2f}M params, "
+    model = build_tiny_model(recipe.arch, tokenizer, seed=recipe.seed, **recipe.model_config)
+    params = count_params(model)
+    print(f"[posttrain] built {recipe.arch} with {params / 1e6:.2f}M params, "
           f"vocab {len(tokenizer)}")
     texts = pretrain_texts(recipe, tokenizer)
     train = datasets.Dataset.from_dict({"text": [t + tokenizer.eos_token if not t.endswith(
         tokenizer.eos_token) else t for t in texts]})
-    trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
-                         processing_class=tokenizer, callbacks=stage_callbacks(recipe, ctx))
-    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    save_final(trainer.model, tokenizer, ctx)
-    return {"train_loss": out.training_loss, "params": count_params(model),
-            "train_samples": len(train)}
+    _, out = run_training(recipe, ctx, model, tokenizer, lambda model, callbacks: SFTTrainer(
+        model=model, args=ctx.plan.args, train_dataset=train, processing_class=tokenizer,
+        callbacks=callbacks))
+    return {"train_loss": out.training_loss, "params": params, "train_samples": len(train)}

@@ -29,16 +29,10 @@ from typing import Any, ClassVar
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
+from posttrain.recipe import TrainingFields, positive
 from posttrain.stages import distill_methods as methods
-from posttrain.stages.common import (
-    StageContext,
-    last_checkpoint,
-    load_trainable,
-    prepare_model,
-    save_final,
-    stage_callbacks,
-)
+from posttrain.stages.context import StageContext
+from posttrain.stages.lora import LoraFields, lora_config
 from posttrain.stages.sampling import (
     FilterFields,
     PromptFields,
@@ -50,14 +44,18 @@ from posttrain.stages.sampling import (
     write_dataset,
 )
 from posttrain.stages.sft_data import OverlongFields, fit_to_length, to_prompt_completion
+from posttrain.stages.training import load_trainable, run_training
+from posttrain.stages.vllm_sync import colocated_engine, use_reload_sync
 
 TEACHER_KINDS = ("grpo", "dpo")
 
 
 @dataclasses.dataclass
-class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRecipe):
+class Recipe(TrainingFields, LoraFields, OverlongFields, FilterFields, SamplingFields, PromptFields,
+             BaseRecipe):
     """Distillation recipe: the prompt, sampling and filter fields of rejection sampling, the
-    teacher, the student, and TRL SFTConfig fields for the student's training.
+    teacher, the student, LoRA for a pretrained student (`LoraFields`), and the TRL config
+    fields of the method's trainer.
 
     Attributes:
         teacher: A stage of the run, a model dir or a hub id; null: the run's last finished
@@ -100,6 +98,9 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
         if bool(self.student) == bool(self.init_from):
             raise UserError("distill: give exactly one of student (tiny:qwen2, tiny:llama: a "
                             "fresh tiny student) or init_from (a pretrained student)")
+        if self.lora and self.student:
+            raise UserError("distill: lora adapts a pretrained student (init_from); a fresh tiny "
+                            "student trains all its weights")
         if self.student:
             from posttrain.models import TINY_CONFIGS
             kind, _, arch = self.student.partition(":")
@@ -114,7 +115,8 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
         self.check_method()
 
     def check_method(self) -> None:
-        """One-line errors for a method's settings, and TRL keys its trainer does not take."""
+        """One-line errors for a method's settings (TRL keys its trainer does not take are
+        refused by `TrainingFields.validate`)."""
         if self.method not in methods.METHODS:
             raise UserError(f"distill: method must be one of {', '.join(methods.METHODS)}, got "
                             f"{self.method!r}")
@@ -127,25 +129,15 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
                             "traces trains by plain SFT")
         if self.method != "on_policy" and self.lmbda != 1.0:
             raise UserError("distill: lmbda (the on-policy share) is for method on_policy")
-        config = self.trainer_config()
-        stray = sorted(k for k in self.trainer if k not in self.trainer_fields())
-        if stray:
-            raise UserError(f"distill: method {self.method} trains with {config}, which has no "
-                            f"field {', '.join(stray)}")
 
     def trainer_config(self) -> str:
         return methods.config_path(self.method, self.lmbda)
 
-    def trainer_settings(self) -> dict[str, Any]:
-        """TRL settings of the method's config: our defaults it takes, the method's keys, then
-        the recipe's own TRL keys."""
-        accepted = self.trainer_fields()
-        base = {k: v for k, v in super().trainer_settings().items()
-                if k in accepted and k not in self.trainer}
-        own = methods.method_settings(self.method, beta=self.beta, lmbda=self.lmbda,
-                                      temperature=self.kd_temperature,
-                                      max_new_tokens=self.max_new_tokens)
-        return {**base, **own, **self.trainer}
+    def preset_settings(self) -> dict[str, Any]:
+        """The method's TRL settings: divergence, on-policy share, temperature, generation cap."""
+        return methods.method_settings(self.method, beta=self.beta, lmbda=self.lmbda,
+                                       temperature=self.kd_temperature,
+                                       max_new_tokens=self.max_new_tokens)
 
     def references(self, manifest) -> dict[str, str | None]:
         """The student's init and the teacher; no teacher named: the run's last grpo/dpo stage."""
@@ -163,9 +155,9 @@ class Recipe(OverlongFields, FilterFields, SamplingFields, PromptFields, BaseRec
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     from posttrain.models import load_tokenizer
     check_prompts(recipe)
-    teacher_tok = load_tokenizer(ctx.plan.ref_path("teacher"))
+    teacher_tok = load_tokenizer(ctx.plan.ref_path("teacher"), **recipe.tokenizer_options())
     if ctx.init_path:
-        student_tok = load_tokenizer(ctx.init_path)
+        student_tok = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
         if recipe.method != "traces":  # a tiny student is built on the teacher's tokenizer
             methods.check_shared_vocabulary(
                 teacher_tok, student_tok, vocab_width(ctx.plan.ref_path("teacher")),
@@ -186,11 +178,12 @@ def build_student(recipe: Recipe, ctx: StageContext):
     """(model, tokenizer): a fresh tiny student with the teacher's tokenizer, or `init_from`."""
     from posttrain.models import build_tiny_model, count_params, load_tokenizer
     if recipe.student:
-        tokenizer = load_tokenizer(ctx.plan.ref_path("teacher"))
+        tokenizer = load_tokenizer(ctx.plan.ref_path("teacher"), **recipe.tokenizer_options())
         model = build_tiny_model(recipe.student.partition(":")[2], tokenizer, seed=recipe.seed,
                                  **recipe.student_config)
     else:
-        tokenizer, model = load_tokenizer(ctx.init_path), load_trainable(ctx.init_path, recipe)
+        tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+        model = load_trainable(ctx.init_path, recipe)
     print(f"[posttrain] student {recipe.student or ctx.init_path}: "
           f"{count_params(model) / 1e6:.2f}M params", file=sys.stderr)
     return model, tokenizer
@@ -209,13 +202,15 @@ def teacher_traces(recipe: Recipe, ctx: StageContext) -> tuple[list[dict[str, An
     return kept, figures, time.monotonic() - start
 
 
-def build_trainer(recipe: Recipe, ctx: StageContext, model, tokenizer, kept: list[dict[str, Any]]):
-    """The method's TRL trainer over its data: the traces (SFT, GKD) or the prompts (on-policy)."""
+def build_trainer(recipe: Recipe, ctx: StageContext, model, tokenizer, kept: list[dict[str, Any]],
+                  callbacks: list):
+    """The method's TRL trainer over its data: the traces (SFT, GKD) or the prompts (on-policy),
+    with the number of training rows and their length figures."""
     import datasets
 
     cls = methods.trainer_class(recipe.method, recipe.lmbda)
-    common = dict(args=ctx.plan.args, processing_class=tokenizer,
-                  callbacks=stage_callbacks(recipe, ctx))
+    common = dict(args=ctx.plan.args, processing_class=tokenizer, callbacks=callbacks,
+                  peft_config=lora_config(recipe))
     if recipe.method == "traces":
         tokenizer.padding_side = "right"
         # Loss on the teacher's completion only: no generation markers needed in the template.
@@ -243,15 +238,21 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
         kept, figures, teacher_s = teacher_traces(recipe, ctx)
 
     model, tokenizer = build_student(recipe, ctx)
-    model = prepare_model(model, recipe)
-    trainer, n_train, lengths = build_trainer(recipe, ctx, model, tokenizer, kept)
-    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    tokenizer.padding_side = "left"
-    save_final(trainer.model, tokenizer, ctx)
+    built: dict[str, Any] = {}
+
+    def build(model, callbacks):
+        with colocated_engine(model, getattr(ctx.plan.args, "use_vllm", False)):
+            trainer, built["rows"], built["lengths"] = build_trainer(recipe, ctx, model,
+                                                                     tokenizer, kept, callbacks)
+        use_reload_sync(trainer)  # on-policy with vLLM: new weights through vLLM's reload path
+        return trainer
+
+    trainer, out = run_training(recipe, ctx, model, tokenizer, build)
     budget = trainer_budget(trainer, out, ctx.log_path,
                             teacher_samples=(figures or {}).get("n_samples", 0),
                             teacher_tokens=(figures or {}).get("generated_tokens", 0),
                             teacher_scores=recipe.method != "traces", teacher_s=teacher_s)
     return {"teacher": teacher["from"], "method": recipe.method, "train_loss": out.training_loss,
-            "student_params": count_params(trainer.model), "train_samples": n_train,
-            "budget": budget, **({"teacher_data": figures} if figures else {}), **lengths}
+            "student_params": count_params(trainer.model), "train_samples": built["rows"],
+            "budget": budget, **({"teacher_data": figures} if figures else {}),
+            **built["lengths"]}

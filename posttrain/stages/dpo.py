@@ -21,17 +21,11 @@ from typing import Any, ClassVar
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
-from posttrain.stages.common import (
-    StageContext,
-    last_checkpoint,
-    load_trainable,
-    prepare_model,
-    save_final,
-    stage_callbacks,
-)
-from posttrain.stages.lora import LoraFields, lora_config, merge_lora
+from posttrain.recipe import TrainingFields, positive
+from posttrain.stages.context import StageContext
+from posttrain.stages.lora import LoraFields, lora_config
 from posttrain.stages.sampling import PromptFields, SamplingFields, load_prompts
+from posttrain.stages.training import load_trainable, run_training
 
 # TRL 1.16's DPO losses (DPOTrainer rejects others only at the first step; we say so up front).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -39,7 +33,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclasses.dataclass
-class Recipe(LoraFields, SamplingFields, PromptFields, BaseRecipe):
+class Recipe(TrainingFields, LoraFields, SamplingFields, PromptFields, BaseRecipe):
     """DPO recipe. Give exactly one of `prompt_data` (sample and score pairs) or `train_data`.
 
     Sampling uses the fields of `SamplingFields` (spread is what makes pairs: a capped sample is
@@ -94,7 +88,7 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
                         ["prompt", "chosen", "rejected"], "train_data")
     else:
         load_prompts(recipe)
-    load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail before starting
+    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
 
 
 def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[list[Any]]]:
@@ -107,7 +101,7 @@ def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[l
     rows = list(load_prompts(recipe))
     outs = generate(ctx.init_path, [r["prompt"] for r in rows], recipe.sampling(),
                     backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size,
-                    shard=True)
+                    shard=True, tokenizer_options=recipe.tokenizer_options())
     samples = []
     for row, comps in zip(rows, outs):
         gold = row.get("answer", row.get("solution"))
@@ -122,8 +116,8 @@ def preference_data(recipe: Recipe, ctx: StageContext):
     """The pairs to train on, written to pairs.jsonl (reused when resuming the same recipe)."""
     import datasets
 
+    from posttrain import atomic
     from posttrain.dist import is_main_process
-    from posttrain.manifest import atomic_write_json, atomic_write_text
     from posttrain.preference import build_pairs, to_preference
 
     path, stats_path = ctx.stage_dir / "pairs.jsonl", ctx.stage_dir / "pairs_stats.json"
@@ -140,8 +134,8 @@ def preference_data(recipe: Recipe, ctx: StageContext):
         prompts, samples = scored_samples(recipe, ctx)
         rows, stats = build_pairs(prompts, samples, recipe.pairs_per_prompt)
     if not reuse and is_main_process():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_json(stats_path, stats)
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic.write_json(stats_path, stats)
     print(f"[posttrain] dpo pairs: {json.dumps(stats)}")
     if not rows:
         raise UserError(f"dpo: no preference pairs ({stats.get('prompts_all_good', 0)} prompts "
@@ -157,19 +151,19 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     from posttrain.plots import plot_dpo_curves, read_log
 
     pairs, stats = preference_data(recipe, ctx)
-    tokenizer = load_tokenizer(ctx.init_path)
-    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
-    try:
-        trainer = DPOTrainer(model=model, args=ctx.plan.args, train_dataset=pairs,
-                             processing_class=tokenizer, peft_config=lora_config(recipe),
-                             callbacks=stage_callbacks(recipe, ctx))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"dpo: cannot prepare the preference data: {str(e).splitlines()[0]}") \
-            from None
-    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    model = merge_lora(trainer.model, recipe)
-    tokenizer.padding_side = "left"
-    save_final(model, tokenizer, ctx)
+    tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+
+    def build(model, callbacks):
+        try:
+            return DPOTrainer(model=model, args=ctx.plan.args, train_dataset=pairs,
+                              processing_class=tokenizer, peft_config=lora_config(recipe),
+                              callbacks=callbacks)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"dpo: cannot prepare the preference data: "
+                            f"{str(e).splitlines()[0]}") from None
+
+    # run_training lets go of the sampling engine (vLLM worker or cached HF model) first.
+    _, out = run_training(recipe, ctx, load_trainable(ctx.init_path, recipe), tokenizer, build)
     plot_dpo_curves(ctx.log_path, ctx.stage_dir / "dpo_margins.png", title=f"{ctx.name}: DPO")
     logs = read_log(ctx.log_path)
     last = next((r for r in reversed(logs) if "rewards/margins" in r), {})

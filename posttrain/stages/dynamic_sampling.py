@@ -14,6 +14,11 @@ Two modes:
   the remaining places hold the first round's uninformative groups, masked out of the loss.
 - `mask`: no extra generation; uninformative groups are masked out and the batch shrinks.
 
+Under several processes (`accelerate launch`) each process judges and refills its own groups (the
+stage's preflight makes sure no group is split across processes), and the processes agree on the
+number of rounds: generation is collective in TRL, so a round runs while any process still has
+places to fill, and a process already full discards that round's samples.
+
 Logged per step: `dynamic_sampling/rounds`, `kept_frac` (informative share of the step's own
 generation), `informative_frac` (of the batch the optimizer sees) and `generated_frac`
 (completions generated / the batch's size: the extra generation refill costs).
@@ -22,7 +27,6 @@ generation), `informative_frac` (of the batch the optimizer sees) and `generated
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any
 
 import torch
@@ -86,17 +90,14 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
     informative group are masked out of the loss — the mechanism TRL uses for
     `mask_truncated_completions` — so the batch keeps the shape TRL's buffering and splitting
     across `steps_per_generation` rely on.
-
-    Refill runs on one process; with several, groups are split across processes and the step
-    falls back to masking (warned once).
     """
 
     def __init__(self, *args: Any, mode: str = "refill", max_sampling_rounds: int = 4,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.dynamic_mode, self.max_sampling_rounds = mode, max_sampling_rounds
-        self._refill_rng = random.Random(self.args.seed + 1)
-        self._warned = False
+        # Each process draws its own further prompts.
+        self._refill_rng = random.Random(self.args.seed + 1 + self.accelerator.process_index)
 
     def _further_prompts(self, n_prompts: int) -> list[dict[str, Any]]:
         """`n_prompts` training rows, each repeated `num_generations` times (TRL's layout)."""
@@ -104,14 +105,10 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         picks = [self._refill_rng.randrange(len(data)) for _ in range(n_prompts)]
         return [data[i] for i in picks for _ in range(self.num_generations)]
 
-    def _can_refill(self, out: dict[str, Any]) -> bool:
-        if self.accelerator.num_processes > 1 or not set(out) - {"num_items_in_batch"} <= _PER_SAMPLE:
-            if not self._warned:
-                warnings.warn("dynamic_sampling: refill needs one process and a text-only batch; "
-                              "masking uninformative groups instead", stacklevel=2)
-                self._warned = True
-            return False
-        return True
+    def _any_process_short(self, short: bool) -> bool:
+        """Whether any process still has places to fill (every process must call this)."""
+        flag = torch.tensor([float(short)], device=self.accelerator.device)
+        return bool(self.accelerator.gather(flag).max().item() > 0)
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -120,14 +117,22 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         g = self.num_generations
         advantages = out["advantages"]
         if advantages.dim() != 1 or advantages.numel() % g:
-            return out  # groups split across processes: leave the batch as TRL built it
+            raise RuntimeError(f"dynamic sampling: this process holds {advantages.numel()} "
+                               f"samples, not whole groups of {g} (the preflight should have "
+                               f"refused this batch layout)")
+        unknown = set(out) - {"num_items_in_batch"} - _PER_SAMPLE
+        if unknown:
+            raise RuntimeError(f"dynamic sampling cannot regroup batch entries {sorted(unknown)}")
         keep = informative_groups(advantages, g)
         size, kept_frac, rounds, generated = keep.numel(), keep.float().mean().item(), 1, keep.numel()
-        if self.dynamic_mode == "refill" and not keep.all() and self._can_refill(out):
+        if self.dynamic_mode == "refill":
             parts, have = [select_rows(out, keep)], int(keep.sum())
-            while have < size and rounds < self.max_sampling_rounds:
+            while rounds < self.max_sampling_rounds and self._any_process_short(have < size):
                 more = super()._generate_and_score_completions(self._further_prompts(size // g))
-                rounds, generated = rounds + 1, generated + more["advantages"].numel()
+                rounds += 1
+                if have >= size:
+                    continue  # this process is full: it only took part in the collective round
+                generated += more["advantages"].numel()
                 more_keep = informative_groups(more["advantages"], g)
                 parts.append(select_rows(more, more_keep))
                 have += int(more_keep.sum())

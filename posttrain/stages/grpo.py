@@ -8,8 +8,8 @@ the same prompt. Every other knob is TRL's own field under its own name (`beta` 
 reference model, `epsilon`/`epsilon_high` for clip-higher, `loss_type`, `scale_rewards`,
 `mask_truncated_completions`, `temperature`, `use_vllm` + `vllm_mode`, ...).
 
-`objective: grpo | dr_grpo | dapo | gspo | cispo | rloo | reinforce_pp` sets one paper's settings
-(posttrain.stages.objectives); any of them stays overridable by its own key.
+`objective:` names one paper's settings (the table in posttrain.stages.objectives, which also
+says which TRL trainer runs it); any of them stays overridable by its own key.
 
 Run: `posttrain grpo recipes/tiny/grpo.yaml --run demo` (or `make grpo`);
 R1-Zero straight from the base: `posttrain grpo recipes/tiny/grpo_zero.yaml --run demo`.
@@ -22,30 +22,30 @@ from typing import Any, ClassVar
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
-from posttrain.stages.common import (
-    StageContext,
-    last_checkpoint,
-    load_trainable,
-    prepare_model,
-    save_final,
-    stage_callbacks,
-)
+from posttrain.recipe import TrainingFields, positive
+from posttrain.stages.context import StageContext
+from posttrain.stages.lora import LoraFields, lora_config
+from posttrain.stages.objectives import GRPO_CONFIG, OBJECTIVES, config_class, trainer_class
 from posttrain.stages.objectives import objective as find_objective
 from posttrain.stages.sampling import PromptFields
+from posttrain.stages.training import load_trainable, run_training
+from posttrain.stages.vllm_sync import RolloutCheck, colocated_engine, use_reload_sync
 
 DYNAMIC_SAMPLING = ("refill", "mask")
+# Mean |log p| gap between vLLM's sampled tokens and the trainer's above which a GRPO stage stops.
+ROLLOUT_LOGPROB_GAP = 0.5
 
 
 @dataclasses.dataclass
-class Recipe(PromptFields, BaseRecipe):
-    """GRPO recipe: the prompt fields of `PromptFields`, the rewards, and TRL GRPOConfig fields.
+class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
+    """GRPO recipe: the prompt fields of `PromptFields`, LoRA (`LoraFields`), the rewards, and TRL
+    GRPOConfig fields.
 
     Attributes:
         rewards: Reward name (keys of `posttrain.rewards.REWARDS`) → weight in the total reward.
         reward_kwargs: Reward name → parameters of that reward (e.g. `{cosine: {max_len: 256}}`).
-        objective: An RL objective preset (posttrain.stages.objectives): grpo, dr_grpo, dapo,
-            gspo, cispo, rloo or reinforce_pp; null: TRL's fields as the recipe sets them.
+        objective: An RL objective preset (posttrain.stages.objectives.OBJECTIVES); null: TRL's
+            fields as the recipe sets them.
         dynamic_sampling: DAPO dynamic sampling (posttrain.stages.dynamic_sampling): `refill`
             (or true) keeps sampling prompts until the batch holds only groups whose rewards
             differ; `mask` only masks the others out; false: off. Null: the objective's, else off.
@@ -53,6 +53,9 @@ class Recipe(PromptFields, BaseRecipe):
         overlong_shaping: DAPO's soft overlong punishment: adds the `soft_overlong` reward over
             the last 20% of `max_completion_length` (unless `rewards` has it). Null: the
             objective's, else off.
+        rollout_logprob_gap: With vLLM generating, stop the stage when the mean gap between
+            vLLM's and the trainer's log-probs of the sampled tokens exceeds this
+            (posttrain.stages.vllm_sync); null: no check.
     """
 
     rewards: dict[str, float] = dataclasses.field(
@@ -62,9 +65,12 @@ class Recipe(PromptFields, BaseRecipe):
     dynamic_sampling: bool | str | None = None
     max_sampling_rounds: int = 4
     overlong_shaping: bool | None = None
+    rollout_logprob_gap: float | None = ROLLOUT_LOGPROB_GAP
 
     KIND: ClassVar[str] = "grpo"
-    TRAINER_CONFIG: ClassVar[str] = "trl.GRPOConfig"
+    TRAINER_CONFIG: ClassVar[str] = GRPO_CONFIG
+    OTHER_TRAINER_CONFIGS: ClassVar[tuple[str, ...]] = tuple(
+        {o.config for o in OBJECTIVES.values()} - {GRPO_CONFIG})
     # Our defaults for TRL's GRPOConfig; every one is overridable from the recipe by the same name.
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
         max_steps=100, learning_rate=1e-5, per_device_train_batch_size=32, num_generations=8,
@@ -76,7 +82,7 @@ class Recipe(PromptFields, BaseRecipe):
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from", "prompt_data", "rewards")
 
     def validate(self) -> None:
-        self._apply_objective()
+        preset = find_objective(self.objective)  # an unknown name: the one-line error first
         super().validate()
         if "reward_weights" in self.trainer:
             raise UserError("reward_weights: give weights by name in `rewards: {accuracy: 1.0, ...}`")
@@ -84,55 +90,57 @@ class Recipe(PromptFields, BaseRecipe):
                  "max_completion_length", "temperature")
         if self.trainer.get("beta", 0) < 0:
             raise UserError(f"beta must be >= 0, got {self.trainer['beta']}")
-
-    def _apply_objective(self) -> None:
-        """Resolve the preset's stage fields (recipe keys win) and DAPO's overlong reward."""
-        preset = find_objective(self.objective)
-        stage = preset.stage if preset else {}
-        if self.dynamic_sampling is None:
-            self.dynamic_sampling = stage.get("dynamic_sampling", False)
-        if self.dynamic_sampling is True:
-            self.dynamic_sampling = "refill"
-        if self.dynamic_sampling not in (False, *DYNAMIC_SAMPLING):
+        if self.dynamic_sampling not in (None, True, False, *DYNAMIC_SAMPLING):
             raise UserError(f"dynamic_sampling must be refill, mask or false, got "
                             f"{self.dynamic_sampling!r}")
         if self.max_sampling_rounds < 1:
             raise UserError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
-        if self.overlong_shaping is None:
-            self.overlong_shaping = stage.get("overlong_shaping", False)
-        if self.overlong_shaping and "soft_overlong" not in self.rewards:
-            length = self.trainer_settings()["max_completion_length"]
-            self.rewards = {**self.rewards, "soft_overlong": 1.0}
-            self.reward_kwargs = {**self.reward_kwargs, "soft_overlong": {
-                "max_len": length, "cache": max(1, length // 5)}}
-        if preset and preset.config != "trl.GRPOConfig" and self.dynamic_sampling:
+        if (self.trainer.get("use_vllm") and self.rollout_logprob_gap is not None
+                and self.trainer_settings().get("vllm_importance_sampling_correction") is False):
+            raise UserError("rollout_logprob_gap: the check reads the log-prob gap TRL measures "
+                            "with vllm_importance_sampling_correction: true; turn that on, or "
+                            "set rollout_logprob_gap: null")
+        positive(self, "rollout_logprob_gap")
+        if preset and not preset.dynamic_sampling_ok and self.dynamic_sampling:
             raise UserError(f"objective {self.objective}: dynamic_sampling works with the GRPO "
                             "trainer's objectives, not this one")
 
-    def trainer_config(self) -> str:
+    def derived(self) -> dict[str, Any]:
+        """The objective's stage fields where the recipe leaves them null, and DAPO's overlong
+        reward when shaping is on."""
         preset = find_objective(self.objective)
-        return preset.config if preset else self.TRAINER_CONFIG
+        stage = preset.stage if preset else {}
+        out = super().derived()
+        mode = stage.get("dynamic_sampling", False) if self.dynamic_sampling is None \
+            else self.dynamic_sampling
+        out["dynamic_sampling"] = "refill" if mode is True else mode
+        shaping = stage.get("overlong_shaping", False) if self.overlong_shaping is None \
+            else self.overlong_shaping
+        out["overlong_shaping"] = shaping
+        if shaping and "soft_overlong" not in self.rewards:
+            length = self.trainer_settings()["max_completion_length"]
+            out["rewards"] = {**self.rewards, "soft_overlong": 1.0}
+            out["reward_kwargs"] = {**self.reward_kwargs, "soft_overlong": {
+                "max_len": length, "cache": max(1, length // 5)}}
+        return out
+
+    def trainer_config(self) -> str:
+        return config_class(self.objective)
+
+    def preset_settings(self) -> dict[str, Any]:
+        preset = find_objective(self.objective)
+        return dict(preset.trainer) if preset else {}
 
     def objective_settings(self) -> dict[str, Any]:
         """What the preset set: its TRL fields the recipe does not set itself."""
-        preset = find_objective(self.objective)
-        return {k: v for k, v in preset.trainer.items() if k not in self.trainer} if preset else {}
+        return {k: v for k, v in self.preset_settings().items() if k not in self.trainer}
+
+    def own_settings(self) -> dict[str, Any]:
+        # TRL weighs the reward functions in the order `rewards` lists them.
+        return {"reward_weights": list(self.rewards.values())}
 
     def values(self) -> dict[str, Any]:
         return {**super().values(), "objective_settings": self.objective_settings()}
-
-    def trainer_settings(self) -> dict[str, Any]:
-        settings = {**super().trainer_settings(), **self.objective_settings(),
-                    # TRL weighs the reward functions in the order `rewards` lists them.
-                    "reward_weights": list(self.rewards.values())}
-        if self.trainer_config() == self.TRAINER_CONFIG:
-            return settings
-        accepted = self.trainer_fields()
-        stray = sorted(k for k in self.trainer if k not in accepted)
-        if stray:
-            raise UserError(f"objective {self.objective}: {', '.join(stray)} is not a field of "
-                            f"{self.trainer_config()}")
-        return {k: v for k, v in settings.items() if k in accepted}
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
@@ -145,12 +153,28 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
         check_spec(spec, f"prompt_data[{i}]")
     build_prompts(recipe)  # missing prompt/answer columns, empty files: before the stage starts
     build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
+    check_dynamic_sampling(recipe, ctx.plan.args)
     if recipe.trainer.get("use_vllm"):
         from trl.import_utils import is_vllm_available
         if not is_vllm_available():
             raise UserError("use_vllm: true needs vLLM (pip install 'posttrain[vllm]'); "
                             "set use_vllm: false to generate with transformers")
-    load_tokenizer(ctx.init_path)
+    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+
+
+def check_dynamic_sampling(recipe: Recipe, args) -> None:
+    """Dynamic sampling under several processes needs every group on one process: each process
+    judges and refills its own groups. Refused here when a process's share of a generation
+    would split a group, rather than run as something else."""
+    from posttrain.dist import planned_world_size
+
+    world = planned_world_size()
+    local = args.per_device_train_batch_size * args.steps_per_generation
+    if recipe.dynamic_sampling and world > 1 and local % args.num_generations:
+        raise UserError(f"dynamic_sampling: {recipe.dynamic_sampling} on {world} processes needs "
+                        f"each process's share of a generation (per_device_train_batch_size x "
+                        f"steps_per_generation = {local}) to hold whole groups of "
+                        f"num_generations ({args.num_generations})")
 
 
 def build_prompts(recipe: Recipe):
@@ -164,32 +188,33 @@ def build_prompts(recipe: Recipe):
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
-    from trl import GRPOTrainer
-
     from posttrain.budget import trainer_budget
     from posttrain.models import load_tokenizer
     from posttrain.plots import plot_reward_curve
     from posttrain.rewards import build_reward_funcs
     from posttrain.stages.dynamic_sampling import DynamicSamplingGRPOTrainer
 
-    tokenizer = load_tokenizer(ctx.init_path)
-    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
+    tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
     train = build_prompts(recipe)
     reward_funcs, _ = build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
     extra: dict[str, Any] = {}
-    if recipe.trainer_config() == "trl.RLOOConfig":
-        from trl import RLOOTrainer as trainer_cls
-    elif recipe.dynamic_sampling:
-        trainer_cls = DynamicSamplingGRPOTrainer
+    cls = trainer_class(recipe.objective)
+    if recipe.dynamic_sampling:
+        cls = DynamicSamplingGRPOTrainer
         extra = {"mode": recipe.dynamic_sampling, "max_sampling_rounds": recipe.max_sampling_rounds}
-    else:
-        trainer_cls = GRPOTrainer
-    trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
+
+    def build(model, callbacks):
+        if ctx.plan.args.use_vllm and recipe.rollout_logprob_gap is not None:
+            callbacks = [RolloutCheck(recipe.rollout_logprob_gap), *callbacks]
+        with colocated_engine(model, ctx.plan.args.use_vllm):
+            trainer = cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
                           train_dataset=train, processing_class=tokenizer,
-                          callbacks=stage_callbacks(recipe, ctx), **extra)
-    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    tokenizer.padding_side = "left"
-    save_final(trainer.model, tokenizer, ctx)
+                          peft_config=lora_config(recipe), callbacks=callbacks, **extra)
+        use_reload_sync(trainer)  # vLLM takes new weights through its reload path
+        return trainer
+
+    trainer, out = run_training(recipe, ctx, load_trainable(ctx.init_path, recipe), tokenizer,
+                                build)
     plot_reward_curve(ctx.log_path, ctx.stage_dir / "reward_curve.png", title=f"{ctx.run}/{ctx.name}")
     history = [r for r in trainer.state.log_history if "reward" in r]
     return {"train_loss": out.training_loss, "train_prompts": len(train),

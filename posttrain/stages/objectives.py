@@ -24,18 +24,25 @@ from typing import Any
 
 from posttrain.errors import UserError
 
-__all__ = ["OBJECTIVES", "Objective", "objective"]
+__all__ = ["OBJECTIVES", "Objective", "config_class", "objective", "trainer_class"]
+
+GRPO_CONFIG, GRPO_TRAINER = "trl.GRPOConfig", "trl.GRPOTrainer"
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A preset: TRL fields, our stage fields, and which TRL trainer runs it."""
+    """A preset: TRL fields, our stage fields, and which TRL config and trainer run it."""
 
     paper: str
     trainer: dict[str, Any]
     stage: dict[str, Any] = dataclasses.field(default_factory=dict)
-    config: str = "trl.GRPOConfig"
-    trainer_class: str = "trl.GRPOTrainer"
+    config: str = GRPO_CONFIG
+    trainer_class: str = GRPO_TRAINER
+
+    @property
+    def dynamic_sampling_ok(self) -> bool:
+        """Whether DAPO dynamic sampling can run with it (its trainer subclasses TRL's GRPO one)."""
+        return self.trainer_class == GRPO_TRAINER
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -61,6 +68,24 @@ OBJECTIVES: dict[str, Objective] = {
         loss_type="dapo", scale_rewards="batch", epsilon=0.2, beta=0.0,
         importance_sampling_level="token")),
 }
+
+
+def import_path(path: str) -> Any:
+    """The object a dotted path names (`trl.RLOOTrainer`), imported on demand."""
+    module, _, attr = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[attr]), attr)
+
+
+def trainer_class(name: str | None) -> type:
+    """The TRL trainer class that runs objective `name` (None: plain GRPO), from the table."""
+    preset = objective(name)
+    return import_path(preset.trainer_class if preset else GRPO_TRAINER)
+
+
+def config_class(name: str | None) -> str:
+    """The TRL config class path objective `name` trains with (None: GRPO's)."""
+    preset = objective(name)
+    return preset.config if preset else GRPO_CONFIG
 
 
 def objective(name: str | None) -> Objective | None:

@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.stages.common import StageContext
+from posttrain.stages.context import StageContext
 from posttrain.stages.sampling import (
     FilterFields,
     PromptFields,
@@ -50,12 +50,12 @@ class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     from posttrain.models import load_tokenizer
     check_prompts(recipe)
-    load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail before starting
+    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     kept, stats = sample_verified(ctx.init_path, recipe)
     figures = stats.as_dict()
     print_stats(figures, "rejection sampling")
-    write_dataset(ctx.model_dir, kept, figures, ctx.plan)
+    write_dataset(ctx.output_dir, kept, figures, ctx.plan)
     return figures

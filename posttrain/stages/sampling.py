@@ -9,37 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from posttrain import atomic
+from posttrain.data import PromptColumns
 from posttrain.errors import UserError
 from posttrain.recipe import positive
 
 
 @dataclasses.dataclass
-class PromptFields:
-    """Recipe fields of a stage that reads prompts; mixed into its `Recipe`.
+class PromptFields(PromptColumns):
+    """Recipe fields of a stage that reads prompts; mixed into its `Recipe`. The column fields
+    are `posttrain.data.PromptColumns`'s, shared with the eval suites.
 
     Attributes:
-        prompt_data: Dataset specs (task / path / hub) with a prompt column and an `answer` or
-            `solution` column to verify against; synthetic tasks also bring `task` and `meta`.
-        prompt_column: Column holding the question (renamed to `prompt`), e.g. `problem`.
-        tests_column: Code tasks: the column of assert statements the `code` reward runs
-            (renamed to `tests`), e.g. MBPP's `test_list`; it may stand for the answer column.
-        test_imports_column: Code tasks: the column of import lines the tests need (renamed to
-            `test_imports`).
-        show_tests: Code tasks (`answer_format: code`): how many tests follow the question in
-            the prompt, so the model knows the function's name (MBPP's prompt shows 3).
+        prompt_data: Dataset specs (task / path / hub) with a prompt column and an answer (or
+            `solution`) column to verify against; synthetic tasks also bring `task` and `meta`.
     """
 
     prompt_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    prompt_column: str = "prompt"
-    tests_column: str = "tests"
-    test_imports_column: str = "test_imports"
-    show_tests: int = 3
 
 
 @dataclasses.dataclass
@@ -108,10 +98,8 @@ class FilterFields:
 def load_prompts(recipe) -> Any:
     """The recipe's prompt set as chat prompts with their gold columns."""
     from posttrain.data import load_prompt_rows
-    return load_prompt_rows(recipe.prompt_data, recipe.prompt_column, recipe.system_prompt,
-                            recipe.seed, recipe.answer_format,
-                            code_columns=(recipe.tests_column, recipe.test_imports_column),
-                            show_tests=recipe.show_tests)
+    return load_prompt_rows(recipe.prompt_data, recipe, recipe.system_prompt, recipe.seed,
+                            recipe.answer_format)
 
 
 def check_prompts(recipe) -> None:
@@ -134,7 +122,7 @@ def sample_verified(model_ref: str, recipe) -> tuple[list[dict[str, Any]], Any]:
     # Under `accelerate launch` each process samples its share; all get every sample back.
     outs = generate(model_ref, [r["messages"] for r in rows], recipe.sampling(),
                     backend=recipe.rollout_backend, batch_size=recipe.rollout_batch_size,
-                    shard=True)
+                    shard=True, tokenizer_options=recipe.tokenizer_options())
     return filter_samples(rows, outs, recipe.filter_config())
 
 
@@ -154,9 +142,7 @@ def write_dataset(out_dir: Path, kept: list[dict[str, Any]], stats: dict[str, An
                         "eval figures, or raise samples_per_prompt / temperature / max_new_tokens")
     if not is_main_process():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = atomic.fresh_dir(out_dir)
     with (tmp / "train.jsonl").open("w") as f:
         for row in kept:
             f.write(json.dumps(row) + "\n")
@@ -164,13 +150,7 @@ def write_dataset(out_dir: Path, kept: list[dict[str, Any]], stats: dict[str, An
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     if plan is not None:
         plan.write(tmp)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return atomic.replace_dir(tmp, out_dir)
 
 
 def print_stats(stats: dict[str, Any], what: str) -> None:

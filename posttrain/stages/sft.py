@@ -1,10 +1,11 @@
 """Supervised fine-tuning: the cold start on `<think>…</think>` CoT data (and later rounds on
 rejection-sampled data).
 
-A thin `main()` over TRL's SFTTrainer on chat `messages`, loss on the assistant turn only (the
-chat template marks it with {% generation %}); full fine-tuning or LoRA (peft); packing optional.
-Data: synthetic task specs (rendered with their CoT traces) or any dataset with a `messages`
-column, from a local file or the hub.
+A thin `main()` over TRL's SFTTrainer on chat `messages`. The loss is on the final assistant turn
+for any chat template: conversations become TRL prompt/completion rows
+(posttrain.stages.sft_data), so no `{% generation %}` markers are needed; full fine-tuning or LoRA
+(peft); packing optional. Data: synthetic task specs (rendered with their CoT traces) or any
+dataset with a `messages` column, from a local file or the hub.
 
 Run: `posttrain sft recipes/tiny/sft.yaml --run demo` (or `make sft`).
 """
@@ -17,21 +18,15 @@ from typing import Any, ClassVar
 from posttrain.data import check_spec, load_sources, to_sft
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
-from posttrain.recipe import positive
-from posttrain.stages.common import (
-    StageContext,
-    last_checkpoint,
-    load_trainable,
-    prepare_model,
-    save_final,
-    stage_callbacks,
-)
-from posttrain.stages.lora import LoraFields, lora_config, merge_lora
+from posttrain.recipe import TrainingFields, positive
+from posttrain.stages.context import StageContext
+from posttrain.stages.lora import LoraFields, lora_config
 from posttrain.stages.sft_data import OverlongFields, fit_to_length, to_prompt_completion
+from posttrain.stages.training import load_trainable, run_training
 
 
 @dataclasses.dataclass
-class Recipe(OverlongFields, LoraFields, BaseRecipe):
+class Recipe(TrainingFields, OverlongFields, LoraFields, BaseRecipe):
     """SFT recipe: the LoRA fields of `LoraFields`, `overlong` (`OverlongFields`), and the data.
 
     The loss is on the final assistant turn, for any chat template (posttrain.stages.sft_data);
@@ -66,7 +61,7 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
     # the stage before it is recorded as started.
     from posttrain.models import load_tokenizer
     train_rows(recipe, ctx.plan.args)
-    tokenizer = load_tokenizer(ctx.init_path)  # missing chat template / bad dir: fail now
+    tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail now
     if ctx.plan.args.assistant_only_loss and "{% generation %}" not in \
             (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}"):
         raise UserError(f"assistant_only_loss: true needs {{% generation %}} markers in the chat "
@@ -86,19 +81,18 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
 
     from posttrain.models import load_tokenizer
 
-    tokenizer = load_tokenizer(ctx.init_path)
+    tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
     tokenizer.padding_side = "right"
-    model = prepare_model(load_trainable(ctx.init_path, recipe), recipe)
     train, lengths = fit_to_length(train_rows(recipe, ctx.plan.args), tokenizer,
                                    ctx.plan.args.max_length, recipe.overlong)
-    try:
-        trainer = SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
-                             processing_class=tokenizer, peft_config=lora_config(recipe),
-                             callbacks=stage_callbacks(recipe, ctx))
-    except (ValueError, KeyError) as e:
-        raise UserError(f"sft: cannot prepare the dataset: {str(e).splitlines()[0]}") from None
-    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
-    model = merge_lora(trainer.model, recipe)
-    tokenizer.padding_side = "left"
-    save_final(model, tokenizer, ctx)
+
+    def build(model, callbacks):
+        try:
+            return SFTTrainer(model=model, args=ctx.plan.args, train_dataset=train,
+                              processing_class=tokenizer, peft_config=lora_config(recipe),
+                              callbacks=callbacks)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"sft: cannot prepare the dataset: {str(e).splitlines()[0]}") from None
+
+    _, out = run_training(recipe, ctx, load_trainable(ctx.init_path, recipe), tokenizer, build)
     return {"train_loss": out.training_loss, "train_samples": len(train), **lengths}

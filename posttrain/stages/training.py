@@ -1,59 +1,96 @@
-"""Pieces every training stage shares: its context, log capture, checkpoints, final-model save."""
+"""The training skeleton every training stage shares, and its parts.
+
+A training stage's `main` builds its data and its TRL trainer; everything around that is here, in
+one function, `run_training`: the model prepared for the recipe's training fields (FP8 layers,
+MoE balance), the callbacks they need (EMA, time budget, log capture, the plan in every
+checkpoint, the resume fix), the generation engines let go of before training starts, resume
+from the last complete checkpoint, LoRA merged, the final model saved atomically. A new training
+stage calls it and cannot forget one of them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from posttrain import atomic
 from posttrain.dist import is_main_process
 from posttrain.errors import UserError
-from posttrain.manifest import Manifest
 from posttrain.plan import StagePlan
+from posttrain.stages.context import StageContext
+from posttrain.stages.lora import LoraFields, merge_lora
 
 
-@dataclass
-class StageContext:
-    """Where a stage runs: its resolved plan, the run's manifest, and whether it resumes."""
+def run_training(recipe, ctx: StageContext, model, tokenizer,
+                 build_trainer: Callable[[Any, list], Any]) -> tuple[Any, Any]:
+    """Train `model` with the trainer `build_trainer(model, callbacks)` makes; (trainer, output).
 
-    plan: StagePlan
-    manifest: Manifest
-    resume: bool = True      # resume from the last checkpoint of an unfinished attempt
+    In order: the model prepared for the recipe (`prepare_model`), the trainer built with the
+    stage's callbacks (`stage_callbacks`), every cached generation engine released (a DPO pair
+    sampler or a teacher's vLLM worker must not hold memory, or the GPU, while training), training
+    resumed from the last complete checkpoint of an unfinished attempt, LoRA adapters merged,
+    and the model, tokenizer and plan saved to the stage's output dir.
+    """
+    from posttrain.rollout import release_engines
 
-    @property
-    def run(self) -> str:
-        return self.plan.run
+    release_engines()
+    model = prepare_model(model, recipe)
+    trainer = build_trainer(model, stage_callbacks(recipe, ctx))
+    out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    final = merge_lora(trainer.model, recipe) if isinstance(recipe, LoraFields) else trainer.model
+    tokenizer.padding_side = "left"  # saved for generation
+    save_final(final, tokenizer, ctx)
+    return trainer, out
 
-    @property
-    def name(self) -> str:
-        return self.plan.name
 
-    @property
-    def stage_dir(self) -> Path:
-        """runs/<run>/<name>/"""
-        return self.manifest.stage_dir(self.plan.name)
+def load_trainable(path: str, recipe):
+    """The model a stage trains: FP32 master weights under `fp8` (DeepSeek-V3 §3.3: the FP8
+    GEMMs read quantized copies, the optimizer updates FP32 weights), else `load_model`'s
+    default (bf16 on a GPU, where TRL's `bf16` trains it)."""
+    from posttrain.models import load_model
+    return load_model(path, dtype="float32" if recipe.fp8 else "auto")
 
-    @property
-    def model_dir(self) -> Path:
-        """The stage's output (a model dir, or a dataset dir for data stages)."""
-        return Path(self.plan.output["dir"])
 
-    @property
-    def init_path(self) -> str | None:
-        return self.plan.ref_path("init")
+def prepare_model(model, recipe):
+    """The recipe's training fields applied to a freshly loaded model (FP8 layer swap, the MoE
+    balance check); returns the model to train (possibly the same object)."""
+    if recipe.moe_balance is not None:
+        from posttrain.moe_balance import routers
+        if not routers(model):
+            raise UserError(f"moe_balance needs a DeepSeek-V3-style MoE (routers with "
+                            f"e_score_correction_bias); {type(model).__name__} has none")
+    if recipe.fp8:
+        from posttrain.fp8 import FP8Config, convert_to_fp8
+        counts = convert_to_fp8(model, FP8Config.parse(recipe.fp8))
+        print(f"[posttrain] fp8: {counts['linear']} Linear layers and {counts['experts']} expert "
+              f"groups train in FP8", flush=True)
+    return model
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.stage_dir / "checkpoints"
 
-    @property
-    def log_path(self) -> Path:
-        return self.stage_dir / "logs.jsonl"
+def stage_callbacks(recipe, ctx: StageContext) -> list:
+    """Trainer callbacks of every training stage: the recipe's training fields (MoE balance,
+    time budget, EMA), log capture, the plan in every checkpoint, the resume fix."""
+    callbacks = []
+    if recipe.moe_balance is not None:  # before the logger: it adds to the logs
+        from posttrain.moe_balance import BalanceConfig, MoEBalanceCallback
+        callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
+    callbacks.append(JsonlLogger(ctx.log_path))
+    callbacks.append(PlanCallback(ctx.plan))
+    if recipe.max_train_seconds is not None:
+        from posttrain.budget import TimeBudget
+        callbacks.append(TimeBudget(recipe.max_train_seconds))
+    from posttrain.checkpoints import ResumeConvertedWeights
+    callbacks.append(ResumeConvertedWeights())  # resume: reload what transformers#48805 skips
+    if recipe.ema is not None:  # writes stage_dir/ema; save_final moves it
+        from posttrain.ema import EMA_DIR, EMACallback, EMAConfig
+        callbacks.append(EMACallback(EMAConfig.parse(recipe.ema), ctx.stage_dir / EMA_DIR))
+    return callbacks
 
 
 class PlanCallback(TrainerCallback):
@@ -79,52 +116,6 @@ class JsonlLogger(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def load_trainable(path: str, recipe):
-    """The model a stage trains: FP32 master weights under `fp8` (DeepSeek-V3 §3.3: the FP8
-    GEMMs read quantized copies, the optimizer updates FP32 weights), else `load_model`'s
-    default (bf16 on a GPU, where TRL's `bf16` trains it)."""
-    from posttrain.models import load_model
-    return load_model(path, dtype="float32" if recipe.fp8 else "auto")
-
-
-def prepare_model(model, recipe):
-    """Hook every stage calls on its freshly loaded model before training (e.g. FP8 layer swap).
-
-    Returns the model to train (possibly the same object).
-    """
-    if recipe.moe_balance is not None:
-        from posttrain.moe_balance import routers
-        if not routers(model):
-            raise UserError(f"moe_balance needs a DeepSeek-V3-style MoE (routers with "
-                            f"e_score_correction_bias); {type(model).__name__} has none")
-    if recipe.fp8:
-        from posttrain.fp8 import FP8Config, convert_to_fp8
-        counts = convert_to_fp8(model, FP8Config.parse(recipe.fp8))
-        print(f"[posttrain] fp8: {counts['linear']} Linear layers and {counts['experts']} expert "
-              f"groups train in FP8", flush=True)
-    return model
-
-
-def stage_callbacks(recipe, ctx: StageContext) -> list:
-    """Trainer callbacks every training stage passes: log capture, the plan in every checkpoint,
-    plus backend extras (EMA...)."""
-    callbacks = []
-    if recipe.moe_balance is not None:  # before the logger: it adds to the logs
-        from posttrain.moe_balance import BalanceConfig, MoEBalanceCallback
-        callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
-    callbacks.append(JsonlLogger(ctx.log_path))
-    callbacks.append(PlanCallback(ctx.plan))
-    if recipe.max_train_seconds is not None:
-        from posttrain.budget import TimeBudget
-        callbacks.append(TimeBudget(recipe.max_train_seconds))
-    from posttrain.checkpoints import ResumeConvertedWeights
-    callbacks.append(ResumeConvertedWeights())  # resume: reload what transformers#48805 skips
-    if recipe.ema is not None:  # writes stage_dir/ema; save_final moves it
-        from posttrain.ema import EMA_DIR, EMACallback, EMAConfig
-        callbacks.append(EMACallback(EMAConfig.parse(recipe.ema), ctx.stage_dir / EMA_DIR))
-    return callbacks
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:
@@ -177,29 +168,20 @@ def _gathered_state_dict(model) -> dict[str, Any] | None:
 
 
 def save_final(model, tokenizer, ctx: StageContext) -> Path:
-    """Save the model, tokenizer and the stage's plan to model_dir atomically (tmp dir + rename).
+    """Save the model, tokenizer and the stage's plan to the output dir atomically (tmp dir +
+    rename).
 
     Only the main process writes; under `accelerate launch` the other ranks return once they
     have helped gather a sharded (FSDP2 / ZeRO-3) model's weights.
     """
     state_dict = _gathered_state_dict(model)
     if not is_main_process():
-        return ctx.model_dir
-    tmp = ctx.stage_dir / "model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+        return ctx.output_dir
+    tmp = atomic.fresh_dir(ctx.output_dir)
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     ctx.plan.write(tmp)
     ema = ctx.stage_dir / "ema"  # EMA weights written by posttrain.ema's callback at train end
     if ema.is_dir():
         os.replace(ema, tmp / "ema")
-    old = ctx.stage_dir / "model.old"
-    if ctx.model_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(ctx.model_dir, old)
-    os.replace(tmp, ctx.model_dir)
-    if old.exists():
-        shutil.rmtree(old)
-    return ctx.model_dir
+    return atomic.replace_dir(tmp, ctx.output_dir)
