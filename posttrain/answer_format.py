@@ -67,6 +67,29 @@ def completion(trace: str, answer: str, answer_format: str = "tags") -> str:
     return f"<think>{trace}</think><answer>{answer}</answer>"
 
 
+def tool_turns(trace: str, answer: str, calls: list[dict], answer_format: str = "tags"
+               ) -> list[dict]:
+    """The turns of a worked trace that hands its computation to tools (`calls`: name, code,
+    result): the reasoning up to the calls, the tool results, then the rest of the reasoning
+    (` = <result>`) and the answer in this format. SFT targets of a tool-using cold start; read
+    as one completion they are `<think>347*58 = 20126</think><answer>20126</answer>`
+    (`posttrain.scoring.completion_text`)."""
+    results = "".join(c["result"] for c in calls).strip()
+    if answer_format == "tags":
+        before, after = f"<think>{trace}", f" = {results}</think><answer>{answer}</answer>"
+    elif answer_format == "boxed":
+        before = f"<think>\n{trace}"
+        after = f" = {results}\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
+    else:
+        raise UserError(f"answer_format {answer_format}: no tool-calling traces for it")
+    calls_made = [{"type": "function", "function": {"name": c["name"],
+                                                    "arguments": {"code": c["code"]}}}
+                  for c in calls]
+    return [{"role": "assistant", "content": before, "tool_calls": calls_made},
+            *({"role": "tool", "name": c["name"], "content": c["result"]} for c in calls),
+            {"role": "assistant", "content": after}]
+
+
 def is_well_formed(text: str, answer_format: str = "tags") -> bool:
     """`tags`: `<think>…</think>` then one `<answer>…</answer>` and nothing after it. `boxed`:
     `<think>…</think>`, then a conclusion with a non-empty `\\boxed{}`. `code`: the same with a

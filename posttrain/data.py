@@ -18,6 +18,7 @@ from typing import Any
 from posttrain import answer_format as fmt
 from posttrain.errors import UserError
 from posttrain.tasks import TASKS
+from posttrain.tasks.base import load_meta
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SPEC_KEYS = {"task", "path", "hub"}
@@ -162,7 +163,8 @@ def prompt_messages(prompt: str, system_prompt: str | None,
 
 
 def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: str = "train_data"):
-    """Rows with a `messages` column: task rows become prompt + CoT assistant turn.
+    """Rows with a `messages` column: task rows become prompt + CoT assistant turn (a row whose
+    trace calls tools, `meta.tool_calls`, a tool-calling conversation).
 
     Chat datasets are kept as they are, except that in the `boxed` and `code` formats the last
     user turn gets the format's instruction (as in every RL, sampling and eval prompt), so the
@@ -174,9 +176,12 @@ def to_sft(ds, system_prompt: str | None, answer_format: str = "tags", where: st
             if answer_format != "tags" else ds
     if {"prompt", "trace", "answer"} <= set(ds.column_names):
         def convert(row):
-            return {"messages": prompt_messages(row["prompt"], system_prompt, answer_format) + [
-                {"role": "assistant",
-                 "content": fmt.completion(row["trace"], row["answer"], answer_format)}]}
+            calls = load_meta(row["meta"]).get("tool_calls") if row.get("meta") else None
+            reply = fmt.tool_turns(row["trace"], row["answer"], calls, answer_format) if calls \
+                else [{"role": "assistant",
+                       "content": fmt.completion(row["trace"], row["answer"], answer_format)}]
+            return {"messages": prompt_messages(row["prompt"], system_prompt, answer_format)
+                    + reply}
         return ds.map(convert, remove_columns=ds.column_names)
     require_columns(ds, ["messages"], where)
     return ds

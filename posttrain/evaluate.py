@@ -49,6 +49,7 @@ class SuiteTask(PromptColumns):
         scorer: `answer` (the final answer against the answer column) or `code` (the final
             Python block run against the row's tests in the sandbox; correct = every test
             passes).
+        max_new_tokens: This task's generation cap (null: the suite's).
     """
 
     name: str
@@ -60,6 +61,7 @@ class SuiteTask(PromptColumns):
     n_prompts: int | None = None
     difficulty: dict[str, Any] = field(default_factory=dict)
     scorer: str = "answer"
+    max_new_tokens: int | None = None
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Suite:
     system_prompt: str | None = "auto"
     protocol: str | None = None  # r1: DeepSeek-R1's sampling and figures (see above)
     chat_template: str | None = None  # as a recipe's: null = the model's own (R1-Zero's if none)
+    tools: list[str] = field(default_factory=list)  # tools the model may call (posttrain.tools)
+    max_tool_calls: int = 4  # tool calls per sample
     backend: str = "auto"  # rollout backend: auto (vLLM on GPU where it can run), hf, vllm
     cache: bool = True     # reuse samples cached on disk for the same model, prompt and sampling
 
@@ -131,6 +135,8 @@ def load_suite(path: str | Path) -> Suite:
     suite = Suite(tasks=parsed, **data)
     fmt.check(suite.answer_format, f"{path}: answer_format")
     check_template(suite.chat_template, f"{path}: chat_template")
+    from posttrain.tools import check_tools
+    check_tools(suite.tools, f"{path}: tools")
     if suite.system_prompt == "auto":
         suite.system_prompt = fmt.default_system_prompt(suite.answer_format)
     if suite.n < 1 or suite.k < 1:
@@ -262,9 +268,11 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
     """Figures per task, and every sample (for the JSONL dump). `backend` overrides the suite's."""
     results, dumps = {}, {}
     backend = backend or suite.backend
-    sampling = Sampling(n=suite.n, temperature=suite.temperature, top_p=suite.top_p,
-                        max_new_tokens=suite.max_new_tokens, seed=suite.seed)
     for st in suite.tasks:
+        sampling = Sampling(n=suite.n, temperature=suite.temperature, top_p=suite.top_p,
+                            max_new_tokens=st.max_new_tokens or suite.max_new_tokens,
+                            seed=suite.seed, tools=tuple(suite.tools),
+                            max_tool_calls=suite.max_tool_calls)
         rows = task_prompts(st, suite)
         outs = generate(model_ref, [r["prompt"] for r in rows], sampling, backend=backend,
                         batch_size=suite.batch_size, progress=progress, cache=suite.cache,
@@ -285,10 +293,16 @@ def evaluate_model(model_ref: Any, suite: Suite, backend: str | None = None,
                 group.append({"text": c.text, **extra,
                               "correct": None if ok is None else bool(ok),
                               "well_formed": fmt.is_well_formed(c.text, suite.answer_format),
-                              "tokens": c.tokens, "finish_reason": c.finish_reason})
+                              "tokens": c.tokens, "finish_reason": c.finish_reason,
+                              **({"tool_calls": c.tool_calls, "messages": list(c.messages)}
+                                 if suite.tools else {})})
             per_prompt.append(group)
         results[st.name] = metrics(per_prompt, suite.k, vote=code_scores is None)
         results[st.name].update(temperature=suite.temperature)
+        if suite.tools:  # tool calls per sample, and the share of samples that made one
+            calls = [s["tool_calls"] for g in per_prompt for s in g]
+            results[st.name].update(tool_calls=sum(calls) / len(calls),
+                                    tool_use_rate=sum(c > 0 for c in calls) / len(calls))
         dumps[st.name] = [{"prompt": r["prompt"][-1]["content"], "gold": r["gold"], "samples": g}
                           for r, g in zip(rows, per_prompt)]
     return results, dumps

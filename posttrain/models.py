@@ -19,13 +19,16 @@ from posttrain.errors import UserError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-TAG_TOKENS = [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+TAG_TOKENS = [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE, TOOL_OPEN, TOOL_CLOSE]
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 EOS, PAD, BOS = "<|end|>", "<|pad|>", "<|begin|>"
 
 # The assistant turn is wrapped in {% generation %} so TRL's `assistant_only_loss` can mask
 # everything else; `reasoning_content` (transformers' field for the thinking part) becomes the
-# <think> block so datasets may keep reasoning and answer apart.
+# <think> block so datasets may keep reasoning and answer apart. A tool call ends the assistant
+# turn as `<tool_call>NAME\nARGS</tool_call>`: the `python` tool's code as it is (no JSON escaping
+# for a tiny model to learn), any other arguments as JSON; the tool's result is a `<|tool|>` turn.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -34,7 +37,17 @@ CHAT_TEMPLATE = (
     "{%- if message.get('reasoning_content') -%}"
     "{{- '<think>' + message['reasoning_content'] + '</think>' -}}"
     "{%- endif -%}"
-    "{{- message['content'] + '<|end|>' -}}"
+    "{{- message['content'] or '' -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- set args = fn['arguments'] -%}"
+    "{{- '<tool_call>' + fn['name'] + '\n' -}}"
+    "{%- if args is string -%}{{- args -}}"
+    "{%- elif (args | list) == ['code'] -%}{{- args['code'] -}}"
+    "{%- else -%}{{- args | tojson -}}{%- endif -%}"
+    "{{- '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|end|>' -}}"
     "{%- endgeneration -%}"
     "{%- else -%}"
     "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
@@ -42,6 +55,24 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
+# How transformers (and TRL's tool loop) parse a tiny-world assistant turn back into a message:
+# the text up to a tool call is `content`, each `<tool_call>NAME\nCODE</tool_call>` a call of
+# NAME with `{"code": CODE}`.
+RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "content": {"close_pattern": r"(?=<tool_call>)|<\|end\|>\s*|$", "content": "text"},
+        "tool_calls": {
+            "open_pattern": r"<tool_call>(?P<name>\w+)\n",
+            "close": "</tool_call>",
+            "repeats": True,
+            "content": "text",
+            "transform": {"type": "function",
+                          "function": {"name": "{name}", "arguments": {"code": "{content}"}}},
+        },
+    },
+}
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     # DeepSeek-V3 in miniature: MLA attention, 1 shared + 8 routed experts, sigmoid routing, top-2.
@@ -90,6 +121,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     # `decode(skip_special_tokens=True)` so rewards and checkers see them.
     hf.add_tokens(TAG_TOKENS)
     hf.chat_template = CHAT_TEMPLATE
+    hf.response_template = RESPONSE_TEMPLATE
     hf.padding_side = "left"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,16 +19,21 @@ from posttrain.errors import UserError
 
 @dataclass(frozen=True)
 class Scored:
-    """One sample with the verdicts that decide its side of a pair."""
+    """One sample with the verdicts that decide its side of a pair; `turns`: its messages when
+    it called tools (the assistant turns and the tool results), else one assistant turn."""
 
     text: str
     tokens: int
     correct: bool
     well_formed: bool
+    turns: tuple = ()
 
     @property
     def good(self) -> bool:
         return self.correct and self.well_formed
+
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.turns) or [{"role": "assistant", "content": self.text}]
 
 
 def pairs_for_prompt(samples: list[Scored], max_pairs: int = 1) -> list[tuple[Scored, Scored]]:
@@ -61,8 +66,7 @@ def build_pairs(prompts: list[Any], samples: list[list[Scored]], max_pairs: int 
             continue
         for chosen, rejected in pairs:
             rows.append({"prompt": prompt,
-                         "chosen": [{"role": "assistant", "content": chosen.text}],
-                         "rejected": [{"role": "assistant", "content": rejected.text}],
+                         "chosen": chosen.messages(), "rejected": rejected.messages(),
                          "chosen_tokens": chosen.tokens, "rejected_tokens": rejected.tokens,
                          "rejected_well_formed": rejected.well_formed})
     flat = [s for g in samples for s in g]

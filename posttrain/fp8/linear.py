@@ -3,8 +3,14 @@ fine-grained scales, FP32 master weights, as in DeepSeek-V3 §3.3.
 
 - Fprop  `y  = x · Wᵀ`   x in 1x128 tiles along K, W in 128x128 blocks.
 - Dgrad  `dx = dy · W`   dy in 1x128 tiles along the output features, W's blocks transposed.
-- Wgrad  `dW = dyᵀ · x`  both in 1x128 tiles along the tokens: the FP8 activations cached by Fprop
-  are re-tiled 1x128 → 128x1, and dy is quantized along the tokens too.
+- Wgrad  `dW = dyᵀ · x`  both in 1x128 tiles along the tokens (the reduction dimension): Fprop
+  caches x quantized once more, from high precision, in 128x1 tiles (Transformer Engine's
+  column-wise copy), rather than re-tiling its 1x128 FP8 copy, which would round x twice; dy is
+  quantized along the tokens too. This also covers o_proj's input, which the paper caches in
+  E5M6: here it is E4M3 like every other cached activation, but rounded once (E5M6 is no torch
+  dtype to emulate faithfully).
+
+Scales are powers of two by default (`FP8Config.pow2_scales`, as in the paper and TE).
 
 `convert_to_fp8(model)` swaps the eligible Linear layers and the routed experts of a
 DeepSeek-V3-style MoE; the embedding, output head, MoE router, norms and the attention operator
@@ -24,7 +30,7 @@ from torch import nn
 
 from posttrain.errors import UserError
 from posttrain.fp8.gemm import fp8_gemm, limited_precision_dot
-from posttrain.fp8.quantize import TILE, FP8Tensor, quantize, quantize_weight, retile_columns
+from posttrain.fp8.quantize import TILE, FP8Tensor, quantize, quantize_weight
 
 # Module names kept in high precision (the output head, routers, value/score heads).
 KEEP_HIGH_PRECISION = ("lm_head", "mlp.gate", "score", "v_head")
@@ -44,6 +50,8 @@ class FP8Config:
             bits (about 14 on H800) in the reference GEMM; null: exact FP32 sums per 128-block.
         promote_every: With `accumulator_bits`: flush the limited accumulator into FP32 every
             this many K (DeepSeek-V3's N_C = 128); null: never (the whole K accumulates limited).
+        pow2_scales: Round every scale up to a power of two (the paper's and TE's default);
+            false: amax / 448.
     """
 
     fprop: bool = True
@@ -52,6 +60,7 @@ class FP8Config:
     keep: tuple[str, ...] = ()
     accumulator_bits: int | None = None
     promote_every: int | None = 128
+    pow2_scales: bool = True
 
     @classmethod
     def parse(cls, value: Any) -> FP8Config:
@@ -88,43 +97,49 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, config: FP8Config) -> torch.Tensor:
         shape = x.shape
+        pow2 = config.pow2_scales
         x2 = x.reshape(-1, shape[-1])
-        xq = quantize(x2, TILE)
-        wq = quantize_weight(weight)
+        wq = quantize_weight(weight, pow2)
         if config.fprop:
-            y = _gemm(xq, wq, x.dtype, config)
+            y = _gemm(quantize(x2, TILE, pow2), wq, x.dtype, config)
         else:
             y = (x2.float() @ weight.float().t()).to(x.dtype)
         ctx.config = config
-        # Backward reads what the paper caches: the FP8 activations (Wgrad) and weight (Dgrad);
-        # a GEMM left in high precision keeps its operand in high precision instead.
-        keep_x = x2 if not config.wgrad else torch.empty(0)
+        # Backward reads FP8 copies, as the paper caches them: x in 128x1 tiles along the tokens
+        # (quantized once, from high precision) for Wgrad, the weight's blocks for Dgrad; a GEMM
+        # left in high precision keeps its operand in high precision instead.
+        if config.wgrad:
+            xt = quantize(x2.t(), TILE, pow2)
+            keep_x, xt_data, xt_scale, xt_shape = torch.empty(0), xt.data, xt.scale, xt.shape
+        else:
+            keep_x, xt_data, xt_scale, xt_shape = x2, torch.empty(0), torch.empty(0), None
         keep_w = weight if not config.dgrad else torch.empty(0)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, keep_x, keep_w)
-        ctx.meta = (xq.shape, wq.shape, x.dtype, weight.dtype, shape)
+        ctx.save_for_backward(xt_data, xt_scale, wq.data, wq.scale, keep_x, keep_w)
+        ctx.meta = (xt_shape, wq.shape, x.dtype, weight.dtype, shape)
         return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         from posttrain.fp8.quantize import WEIGHT_BLOCK
 
-        x_data, x_scale, w_data, w_scale, x_hp, w_hp = ctx.saved_tensors
-        x_shape, w_shape, x_dtype, w_dtype, shape = ctx.meta
+        xt_data, xt_scale, w_data, w_scale, x_hp, w_hp = ctx.saved_tensors
+        xt_shape, w_shape, x_dtype, w_dtype, shape = ctx.meta
         config = ctx.config
-        xq = FP8Tensor(x_data, x_scale, x_shape, TILE)
+        pow2 = config.pow2_scales
         wq = FP8Tensor(w_data, w_scale, w_shape, WEIGHT_BLOCK)
         gy = grad_out.reshape(-1, w_shape[0])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if config.dgrad:
-                grad_x = _gemm(quantize(gy, TILE), wq.t(), x_dtype, config)
+                grad_x = _gemm(quantize(gy, TILE, pow2), wq.t(), x_dtype, config)
             else:
                 grad_x = (gy.float() @ w_hp.float()).to(x_dtype)
             grad_x = grad_x.view(shape)
         if ctx.needs_input_grad[1]:
             if config.wgrad:
-                gy_t = quantize(gy.t(), TILE)            # dy in 128x1 tiles (1x128 of dyᵀ)
-                grad_w = _gemm(gy_t, retile_columns(xq), torch.float32, config).to(w_dtype)
+                gy_t = quantize(gy.t(), TILE, pow2)      # dy in 128x1 tiles (1x128 of dyᵀ)
+                xt = FP8Tensor(xt_data, xt_scale, xt_shape, TILE)
+                grad_w = _gemm(gy_t, xt, torch.float32, config).to(w_dtype)
             else:
                 grad_w = (gy.float().t() @ x_hp.float()).to(w_dtype)
         return grad_x, grad_w, None

@@ -4,8 +4,11 @@ gradients, 128x128 blocks for weights, one FP32 scale per tile or block.
 Why tiles rather than one scale per tensor: an outlier only costs precision inside its own 128
 values instead of squeezing the whole tensor towards zero. The scale is online max-abs:
 `scale = amax / 448` (448 is E4M3's largest finite value), with `amax` floored so an all-zero tile
-does not divide by zero. Shapes that do not divide by 128 are zero-padded: the padding quantizes
-to exact zeros and adds nothing to a dot product.
+does not divide by zero. With `pow2` (DeepSeek-V3's and Transformer Engine's default) the scale is
+rounded up to a power of two: dividing by it only shifts exponents, so the scale itself adds no
+rounding, and values quantized under one power-of-two scale re-tile under another without a
+second rounding as long as they stay in E4M3's normal range. Shapes that do not divide by 128
+are zero-padded: the padding quantizes to exact zeros and adds nothing to a dot product.
 
 Written by hand because torch has the `float8_e4m3fn` dtype and a scaled GEMM but no blockwise
 quantizer (torchao's targets other recipes and is not a dependency here).
@@ -82,8 +85,9 @@ def to_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int] = TILE) -> FP8Tensor:
-    """Quantize a 2-D tensor with one max-abs scale per `block` ((1, 128) or (128, 128))."""
+def quantize(x: torch.Tensor, block: tuple[int, int] = TILE, pow2: bool = False) -> FP8Tensor:
+    """Quantize a 2-D tensor with one max-abs scale per `block` ((1, 128) or (128, 128)); with
+    `pow2`, each scale rounded up to a power of two."""
     if x.dim() != 2:
         raise ValueError(f"quantize takes a 2-D tensor, got shape {tuple(x.shape)}")
     if block not in (TILE, WEIGHT_BLOCK):
@@ -94,21 +98,22 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = TILE) -> FP8Tensor:
     tiles = xp.view(rows // br, br, cols // BLOCK, BLOCK)
     amax = tiles.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)
     scale = amax / E4M3_MAX
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     data = to_e4m3(tiles / scale[:, None, :, None]).view(rows, cols)
     if br == 1:
         data = data.contiguous()
     return FP8Tensor(data, scale, (x.shape[0], x.shape[1]), block)
 
 
-def quantize_weight(w: torch.Tensor) -> FP8Tensor:
+def quantize_weight(w: torch.Tensor, pow2: bool = False) -> FP8Tensor:
     """A Linear weight (out, in) in 128x128 blocks."""
-    return quantize(w, WEIGHT_BLOCK)
+    return quantize(w, WEIGHT_BLOCK, pow2)
 
 
-def retile_columns(x: FP8Tensor) -> FP8Tensor:
-    """1x128 tiles of `x` → 1x128 tiles of `xᵀ` (i.e. 128x1 tiles of `x`), for the Wgrad GEMM.
-
-    The cached FP8 activations are dequantized and re-quantized along the token axis, as the
-    paper does for the backward pass; it costs one extra rounding, not a high-precision copy.
-    """
-    return quantize(x.dequantize().t(), TILE)
+def retile_columns(x: FP8Tensor, pow2: bool = False) -> FP8Tensor:
+    """1x128 tiles of `x` → 1x128 tiles of `xᵀ` (i.e. 128x1 tiles of `x`), from the FP8 values
+    alone. Under amax/448 scales this rounds the values a second time; under power-of-two scales
+    it adds no error to values that stay in E4M3's normal range. (The training layers quantize
+    the Wgrad operand once, from high precision, instead: posttrain.fp8.linear.)"""
+    return quantize(x.dequantize().t(), TILE, pow2)

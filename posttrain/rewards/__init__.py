@@ -83,11 +83,16 @@ def reward_params(name: str) -> dict[str, Any]:
 class _Reward:
     """A reward bound to its recipe parameters, named as the recipe names it (TRL logs
     `rewards/<name>/mean`). During GRPO it also logs the share of samples it could not score
-    (None: unscorable gold) as `rewards/<name>/unscorable_frac`, through TRL's `log_metric` hook.
-    A module-level class, so it pickles (TRL's vLLM and multiprocess paths need that)."""
+    (None: unscorable gold) as `rewards/<name>/unscorable_frac`, through TRL's `log_metric` hook,
+    and, when the rollouts called tools, its mean over the rollouts with a call and without
+    (`rewards/<name>/with_tool`, `without_tool`); the first reward of a recipe also logs what the
+    tools did (`tools/...`, see `tool_metrics`). A module-level class, so it pickles (TRL's vLLM
+    and multiprocess paths need that)."""
 
-    def __init__(self, func: RewardFunc, name: str, params: Mapping[str, Any]):
+    def __init__(self, func: RewardFunc, name: str, params: Mapping[str, Any],
+                 logs_tools: bool = False):
         self.func, self.__name__, self.params = func, name, dict(params)
+        self.logs_tools = logs_tools
 
     def __call__(self, completions: Any, **columns: Any) -> list[float | None]:
         out = self.func(completions, **self.params, **columns)
@@ -95,7 +100,30 @@ class _Reward:
         if callable(log_metric) and out:
             log_metric(f"rewards/{self.__name__}/unscorable_frac",
                        sum(r is None for r in out) / len(out))
+            stats = [getattr(e, "stats", None) for e in columns.get("environments") or []]
+            if len(stats) == len(out) and all(st is not None for st in stats):
+                used = [st.calls > 0 for st in stats]
+                for key, flag in (("with_tool", True), ("without_tool", False)):
+                    scores = [r for r, u in zip(out, used) if u == flag and r is not None]
+                    if scores:
+                        log_metric(f"rewards/{self.__name__}/{key}", sum(scores) / len(scores))
+                if self.logs_tools:
+                    for key, value in tool_metrics(stats).items():
+                        log_metric(key, value)
         return out
+
+
+def tool_metrics(stats: list[Any]) -> dict[str, float]:
+    """What a step's rollouts did with their tools (`posttrain.tools.ToolStats` each): calls per
+    rollout, the share that called one, errors, timeouts and refused calls (budget spent) per
+    rollout, and the sandbox seconds the step's calls took in all."""
+    n = len(stats)
+    return {"tools/calls_per_rollout": sum(s.calls for s in stats) / n,
+            "tools/rollouts_with_call": sum(s.calls > 0 for s in stats) / n,
+            "tools/errors_per_rollout": sum(s.errors for s in stats) / n,
+            "tools/timeouts_per_rollout": sum(s.timeouts for s in stats) / n,
+            "tools/refused_per_rollout": sum(s.refused for s in stats) / n,
+            "tools/sandbox_s": sum(s.seconds for s in stats)}
 
 
 def _known() -> str:
@@ -147,7 +175,7 @@ def build_reward_funcs(weights: Mapping[str, float],
         if unknown:
             raise UserError(f"reward {name!r} has no parameter {unknown[0]!r}; its parameters: "
                             f"{', '.join(allowed) or '(none)'}")
-        func = _Reward(REWARDS[name], name, params)
+        func = _Reward(REWARDS[name], name, params, logs_tools=not funcs)
         func([])  # validates the parameters now (UserError) rather than at the first step
         funcs.append(func)
         out_weights.append(float(weight))

@@ -142,7 +142,11 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
         if chosen == "hf":
             bar.update(len(indices))
 
-    if todo:
+    if todo and sampling.tools:
+        _run_with_tools(chosen, model_ref, tokenizer, fingerprint, batch_size, prompts, rendered,
+                        [texts[i] for i in todo], sampling, [j for j in range(len(todo))
+                                                             if j % world == rank], keep, bar)
+    elif todo:
         if chosen == "vllm":
             mine = [j for j in range(len(todo)) if j % world == rank]  # per-prompt seeds
             _run_vllm(model_ref, tokenizer, [texts[todo[j]] for j in mine], sampling,
@@ -161,6 +165,53 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
                 results[i] = comps
     by_text = dict(zip(texts, results))
     return [by_text[t] for t in rendered]  # type: ignore[misc]
+
+
+def _run_with_tools(backend: str, model_ref, tokenizer, fingerprint, batch_size: int, prompts,
+                    rendered: list[str], todo_texts: list[str], sampling: Sampling,
+                    mine: list[int], keep, bar, chunk: int = 64) -> None:
+    """Tool-using generation (posttrain.rollout.multiturn) of this process's prompts, in chunks
+    that land in the cache as they finish."""
+    from posttrain.errors import UserError
+    from posttrain.rollout.multiturn import generate_with_tools
+    from posttrain.tools.chat import check_tool_template
+
+    if not all(isinstance(p, list) for p in prompts):
+        raise UserError("tools need chat prompts (messages), not raw text")
+    check_tool_template(tokenizer, "tools")
+    messages = dict(zip(reversed(rendered), reversed(prompts)))  # first prompt of each text
+    raw = _raw_generator(backend, model_ref, tokenizer, fingerprint, batch_size)
+    for start in range(0, len(mine), chunk):
+        part = mine[start:start + chunk]
+        outs = generate_with_tools(tokenizer, [messages[todo_texts[j]] for j in part], sampling,
+                                   raw)
+        keep(part, outs)
+        if backend == "vllm":
+            bar.update(len(part))
+
+
+def _raw_generator(backend: str, model_ref, tokenizer, fingerprint, batch_size: int):
+    """The backend's token-id generation: (id prompts, sampling, seed) -> per prompt `n`
+    (new ids through the stop token, finish reason)."""
+    from posttrain.models import saved_generation_config, stop_token_ids
+
+    if backend == "hf":
+        from posttrain.rollout.hf import generate_ids, load_cached
+        model, tok = model_ref if isinstance(model_ref, tuple) else \
+            load_cached(model_ref, fingerprint)
+        return lambda ids, s, seed: generate_ids(model, tok, ids, s, batch_size, seed)
+
+    from posttrain.rollout.vllm_backend import generate_vllm
+    stop = stop_token_ids(saved_generation_config(model_ref), tokenizer)
+
+    def vllm(ids: list[list[int]], s: Sampling, seed: int) -> list[list[tuple[list[int], str]]]:
+        greedy = s.temperature <= 0
+        asked = dataclasses.replace(s, n=1) if greedy else s
+        seeds = [(seed * 1_000_003 + i) % 2**31 for i in range(len(ids))]
+        outs = generate_vllm(model_ref, ids, seeds, asked, stop)
+        return [[(t if reason != "stop" or (t and t[-1] in stop) else [*t, stop[0]], reason)
+                 for t, reason in group] * (s.n if greedy else 1) for group in outs]
+    return vllm
 
 
 def _run_vllm(model_dir: str, tokenizer, texts: list[str], sampling: Sampling, keep, bar,

@@ -116,7 +116,7 @@ class RolloutCache:
             rows = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # missing, or written by a foreign tool
             return None
-        return [Completion(**r) for r in rows]
+        return [Completion(**{**r, "messages": tuple(r.get("messages") or ())}) for r in rows]
 
     def put(self, prompt_text: str, completions: list[Completion]) -> None:
         rows = [dataclasses.asdict(c) for c in completions]

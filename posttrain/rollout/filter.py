@@ -161,7 +161,8 @@ def filter_samples(rows: list[dict[str, Any]], completions: list[list[Completion
             stats.kept_lengths.append(c.tokens)
             stats.kept_per_task[row.get("task") or "other"] += 1
             kept.append({
-                "messages": [*row["messages"], {"role": "assistant", "content": c.text.strip()}],
+                "messages": [*row["messages"], *(c.messages or
+                                                 [{"role": "assistant", "content": c.text.strip()}])],
                 "answer": str(row.get("answer")), "task": row.get("task"),
                 "meta": row.get("meta"), "tokens": c.tokens,
             })

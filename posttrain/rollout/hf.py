@@ -117,3 +117,48 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
             if on_batch is not None:
                 on_batch(idx, done)
     return results  # type: ignore[return-value]
+
+
+def generate_ids(model, tokenizer, id_lists: list[list[int]], sampling: Sampling,
+                 batch_size: int = 32, seed: int = 0) -> list[list[tuple[list[int], str]]]:
+    """`sampling.n` continuations of each token-id prompt, as (new ids up to and including the
+    stop token, finish reason): what a multi-turn loop needs to continue a sequence exactly,
+    without decoding and re-encoding it. Seeded per batch from `seed`."""
+    import torch
+
+    from posttrain.models import stop_token_ids
+
+    model.eval()
+    device = next(model.parameters()).device
+    greedy = sampling.temperature <= 0
+    reps = 1 if greedy else sampling.n
+    stops = stop_token_ids(model.generation_config, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                      num_return_sequences=reps, pad_token_id=pad, eos_token_id=stops)
+    if not greedy:
+        gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    per_batch = max(1, batch_size // reps)
+    order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
+    out: list[list[tuple[list[int], str]]] = [[] for _ in id_lists]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for b, start in enumerate(range(0, len(order), per_batch)):
+            torch.manual_seed(seed * 1_000_003 + b)
+            idx = order[start:start + per_batch]
+            width = max(len(id_lists[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(id_lists[i])) + id_lists[i] for i in idx],
+                               device=device)
+            mask = torch.tensor([[0] * (width - len(id_lists[i])) + [1] * len(id_lists[i])
+                                 for i in idx], device=device)
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+            new = gen[:, width:].tolist()
+            for j, i in enumerate(idx):
+                for r in range(reps):
+                    seq = new[j * reps + r]
+                    cut = next((k for k, t in enumerate(seq) if t in stops), None)
+                    out[i].append((seq[:cut + 1], "stop") if cut is not None else
+                                  ([t for t in seq if t != pad], "length"))
+                out[i] = out[i] * (sampling.n if greedy else 1)
+    return out

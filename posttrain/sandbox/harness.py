@@ -1,4 +1,5 @@
-"""The in-sandbox half: run one program, then its tests, and write the verdict.
+"""The in-sandbox half: run one program, then its tests, and write the verdict; or run one cell
+of a tool call and write what it printed.
 
 `server.py` loads this file into a private namespace (not a module, not in `sys.modules`, with
 its own copy of the builtins) before any program runs, and calls `run` in each forked child once
@@ -23,17 +24,28 @@ Why a pass cannot be forged:
 
 The audit hook is the second wall: the OS limits set by the server (uid, rlimits, network
 namespace, process group) hold even against code that gets past it.
+
+A tool call (`run_cell`) runs under the same hook and limits: the rollout's earlier cells are run
+again first, their output discarded (that is how a variable set in one call is there in the
+next: the state is rebuilt, never kept in a process between calls, so nothing crosses from one
+rollout to another), with `random` seeded alike each time; then the new cell runs with its
+output captured, a last bare expression printed as a REPL would. The result line carries the
+nonce too, so the program cannot pass off output of its own as the result.
 """
 
 import ast
 import builtins
+import sys as _sys
+from binascii import b2a_base64
 from collections import Counter, OrderedDict, defaultdict, deque
 from decimal import Decimal
 from fractions import Fraction
+from io import StringIO
 from operator import contains, eq, ge, gt, is_, is_not, le, lt, ne
 from os import O_APPEND, O_CREAT, O_RDWR, O_TRUNC, O_WRONLY, _exit, fspath, lstat, readlink
 from os import stat as os_stat
 from os import write as os_write
+from random import seed as seed_random
 from re import Match
 from stat import S_ISDIR, S_ISLNK
 from sys import addaudithook, modules
@@ -295,5 +307,63 @@ def run(program, imports, tests, nonce, verdict_fd, home):
                     ok = False
                 passed += ok is True
         os_write(verdict_fd, b"VERDICT %s %d %d\n" % (nonce, passed, total))
+    finally:
+        _exit(0)
+
+
+def interactive(cell):
+    """A cell compiled to run as a REPL does: its statements, and its last bare expression
+    separately, so its value can be shown. (code, last expression code or None)."""
+    tree = ast.parse(cell)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), "<cell>", "eval")
+    return compile(tree, "<cell>", "exec"), last
+
+
+def _b64(text):
+    return b2a_base64(text.encode("utf-8", "replace"), newline=False)
+
+
+def run_cell(history, cell, nonce, verdict_fd, home, output_cap):
+    """Rebuild the rollout's state from its earlier cells, run `cell`, and write `RESULT <nonce>
+    <ok|error> <base64 output> <base64 error line>`; never returns. A cell that does not compile
+    is reported as its SyntaxError, like any other error."""
+    # Plain StringIO objects (a C type): nothing defined here is reachable from the program.
+    status, error, out = "ok", "", StringIO()
+    try:
+        try:
+            earlier = [interactive(h) for h in history]
+            code, last = interactive(cell)
+        except SyntaxError as e:
+            earlier, code, last = [], None, None
+            status, error = "error", f"SyntaxError: {e.msg} (line {e.lineno})"
+        disarm()
+        addaudithook(make_hook(home))
+        seed_random(0)
+        namespace = {"__name__": "__main__", "__builtins__": builtins}
+        if code is not None:
+            _sys.stdout = _sys.stderr = StringIO()  # earlier cells' output was shown already
+            for h_code, h_last in earlier:
+                try:
+                    exec(h_code, namespace)
+                    if h_last is not None:
+                        eval(h_last, namespace)
+                except BaseException:  # noqa: BLE001 - its error was shown when it first ran
+                    pass
+            _sys.stdout = _sys.stderr = out
+            try:
+                exec(code, namespace)
+                if last is not None:
+                    value = eval(last, namespace)
+                    if value is not None:
+                        print(repr(value))
+            except BaseException as e:  # noqa: BLE001 - the model sees the error's last line
+                status = "error"
+                error = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) \
+                    else type(e).__name__
+        printed = StringIO.getvalue(out)[:output_cap]
+        os_write(verdict_fd, b"RESULT %s %s %s %s\n" % (nonce, status.encode(), _b64(printed),
+                                                      _b64(error[:500])))
     finally:
         _exit(0)

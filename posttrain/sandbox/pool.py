@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 
-__all__ = ["Job", "Verdict", "Sandbox", "shared", "release_shared"]
+__all__ = ["Cell", "CellResult", "Job", "Verdict", "Sandbox", "shared", "release_shared"]
 
 log = logging.getLogger("posttrain.sandbox")
 SERVER = Path(__file__).with_name("server.py")
@@ -58,6 +58,27 @@ class Verdict:
     @property
     def fraction(self) -> float:
         return self.passed / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One tool call: a cell of Python and the rollout's earlier cells, run again first (their
+    output discarded) to rebuild the state the new cell sees."""
+
+    code: str
+    history: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """What a tool call gave back. `status`: ok, error (the cell raised: `error` holds its last
+    line), timeout, no_result (it exited or was killed before reporting), skipped (the time
+    budget ran out first), failed (the server failed)."""
+
+    status: str
+    output: str = ""
+    error: str = ""
+    seconds: float = 0.0
 
 
 def _enter_network_namespace() -> None:
@@ -127,12 +148,11 @@ class _Server:
             return None
         return json.loads(out.read(FRAME.unpack(head)[0]))
 
-    def execute(self, job: Job, timeout: float, memory_mb: int, output_kb: int) -> Verdict:
+    def request(self, request: dict, timeout: float) -> dict | None:
+        """One execution on this server; None when it died or hung (it is restarted)."""
         if self.proc is None or self.proc.poll() is not None:
             self.stop()
             self.start()
-        request = {"program": job.program, "tests": list(job.tests), "imports": list(job.imports),
-                   "timeout": timeout, "memory_mb": memory_mb, "output_kb": output_kb}
         data = json.dumps(request).encode()
         try:
             self.proc.stdin.write(FRAME.pack(len(data)) + data)
@@ -143,8 +163,24 @@ class _Server:
         if reply is None:  # the server died or hung: a fresh one for the next job
             log.warning("sandbox: a fork server stopped answering; restarting it")
             self.stop()
+        return reply
+
+    def execute(self, job: Job, timeout: float, memory_mb: int, output_kb: int) -> Verdict:
+        reply = self.request({"program": job.program, "tests": list(job.tests),
+                              "imports": list(job.imports), "timeout": timeout,
+                              "memory_mb": memory_mb, "output_kb": output_kb}, timeout)
+        if reply is None:
             return Verdict(0, len(job.tests), "error")
         return Verdict(reply["passed"], reply["total"], reply["status"], reply["seconds"])
+
+    def execute_cell(self, cell: Cell, timeout: float, memory_mb: int, output_kb: int,
+                     output_chars: int) -> CellResult:
+        reply = self.request({"mode": "cell", "cell": cell.code, "history": list(cell.history),
+                              "timeout": timeout, "memory_mb": memory_mb, "output_kb": output_kb,
+                              "output_chars": output_chars}, timeout)
+        if reply is None:
+            return CellResult("failed")
+        return CellResult(reply["status"], reply["output"], reply["error"], reply["seconds"])
 
 
 class Sandbox:
@@ -222,6 +258,31 @@ class Sandbox:
             return server.execute(job, timeout, self.memory_mb, self.output_kb)
         finally:
             self._free.put(server)
+
+    def _one_cell(self, cell: Cell, deadline: float | None, timeout: float, memory_mb: int,
+                  output_chars: int) -> CellResult:
+        server = self._free.get()
+        try:
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0.05:
+                    return CellResult("skipped")
+            return server.execute_cell(cell, timeout, memory_mb, self.output_kb, output_chars)
+        finally:
+            self._free.put(server)
+
+    def run_cells(self, cells: Sequence[Cell], budget_s: float | None = None,
+                  timeout: float | None = None, memory_mb: int | None = None,
+                  output_chars: int = 2000) -> list[CellResult]:
+        """Results of tool-call `cells`, in order, at most `output_chars` of output each, each
+        cell within `timeout` seconds and `memory_mb` (default: the sandbox's). With `budget_s`,
+        no cell runs past that many seconds from now (later ones are `skipped`)."""
+        self._start()
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        timeout = self.timeout if timeout is None else float(timeout)
+        memory_mb = self.memory_mb if memory_mb is None else int(memory_mb)
+        return list(self._executor.map(
+            lambda c: self._one_cell(c, deadline, timeout, memory_mb, output_chars), cells))
 
     def run(self, jobs: Sequence[Job], budget_s: float | None = None) -> list[Verdict]:
         """Verdicts for `jobs`, in order. With `budget_s`, no job runs past that many seconds

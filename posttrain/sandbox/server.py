@@ -13,12 +13,14 @@ Each child, before any of the program runs:
 - gets hard limits on CPU time, address space, file size (caps its output), open files and
   processes (none: no fork, no thread), and no core dumps;
 - drops to uid/gid `nobody` when the server runs as root;
-- installs the harness's audit hook, then runs the program and its tests (`harness.py`).
+- installs the harness's audit hook, then runs the program and its tests, or a tool call's
+  cell after the rollout's earlier cells (`harness.py`).
 
 Only stdlib; nothing here trusts the child. Its verdict counts only with this execution's
 nonce; its exit status and output are never read.
 """
 
+import base64
 import builtins
 import json
 import os
@@ -75,7 +77,7 @@ def stdlib_open_to_nobody():
         path = parent
 
 
-def child(job, home, verdict_fd, nonce, run, drop_uid, base_vm):
+def child(job, home, verdict_fd, nonce, harness, drop_uid, base_vm):
     """Confine this forked child, then hand it to the harness (which never returns)."""
     os.setsid()
     os.chdir(home)
@@ -100,10 +102,13 @@ def child(job, home, verdict_fd, nonce, run, drop_uid, base_vm):
     os.environ.clear()
     os.environ.update(HOME=home, TMPDIR=home)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    run(job["program"], job["imports"], job["tests"], nonce, verdict_fd, home)
+    if job.get("mode") == "cell":
+        harness["run_cell"](job["history"], job["cell"], nonce, verdict_fd, home,
+                            int(job["output_chars"]))
+    harness["run"](job["program"], job["imports"], job["tests"], nonce, verdict_fd, home)
 
 
-def execute(job, root, run, drop_uid, base_vm):
+def execute(job, root, harness, drop_uid, base_vm):
     """Fork, confine and wait for one execution; its verdict, or why there is none."""
     home = os.path.join(root, os.urandom(8).hex())
     os.mkdir(home, 0o700)
@@ -116,11 +121,12 @@ def execute(job, root, run, drop_uid, base_vm):
     if pid == 0:
         try:
             os.close(read_end)
-            child(job, home, write_end, nonce, run, drop_uid, base_vm)
+            child(job, home, write_end, nonce, harness, drop_uid, base_vm)
         finally:
             os._exit(1)
     os.close(write_end)
     buf, timed_out = b"", False
+    cap = VERDICT_CAP + 2 * int(job.get("output_chars", 0)) * 4  # a cell's base64 output
     deadline = start + float(job["timeout"])
     while True:
         left = deadline - time.monotonic()
@@ -132,7 +138,7 @@ def execute(job, root, run, drop_uid, base_vm):
         chunk = os.read(read_end, 65536)
         if not chunk:
             break  # the child is gone (or closed the pipe: it cannot write a verdict then)
-        buf = (buf + chunk)[:VERDICT_CAP]
+        buf = (buf + chunk)[:cap]
     os.close(read_end)
     try:
         os.killpg(pid, signal.SIGKILL)  # whatever is left of the group, every time
@@ -141,6 +147,8 @@ def execute(job, root, run, drop_uid, base_vm):
     os.waitpid(pid, 0)
     seconds = time.monotonic() - start
     shutil.rmtree(home, ignore_errors=True)
+    if job.get("mode") == "cell":
+        return cell_result(buf, nonce, seconds, timed_out)
     verdict = None
     for line in buf.split(b"\n"):
         parts = line.split()
@@ -150,6 +158,21 @@ def execute(job, root, run, drop_uid, base_vm):
         return {"passed": 0, "total": len(job["tests"]), "seconds": seconds,
                 "status": "timeout" if timed_out else "no_verdict"}
     return {"passed": verdict[0], "total": verdict[1], "seconds": seconds, "status": "ok"}
+
+
+def cell_result(buf, nonce, seconds, timed_out):
+    """A tool call's outcome from the child's result line (only one with this run's nonce)."""
+    for line in buf.split(b"\n"):
+        parts = line.split(b" ")
+        if len(parts) == 5 and parts[0] == b"RESULT" and parts[1] == nonce:
+            try:
+                output, error = (base64.b64decode(x).decode("utf-8", "replace") for x in parts[3:])
+            except ValueError:
+                break
+            return {"status": "ok" if parts[2] == b"ok" else "error", "output": output,
+                    "error": error, "seconds": seconds}
+    return {"status": "timeout" if timed_out else "no_result", "output": "", "error": "",
+            "seconds": seconds}
 
 
 def main():
@@ -162,7 +185,7 @@ def main():
     # A private namespace with private builtins: unreachable from the programs (see harness.py).
     env = {"__name__": "posttrain_sandbox_harness", "__builtins__": dict(builtins.__dict__)}
     exec(compile(source, harness_path, "exec"), env)
-    run = env["run"]
+    harness = {"run": env["run"], "run_cell": env["run_cell"]}
     del env
     drop_uid = os.geteuid() == 0 and sys.argv[2:3] != ["keep-uid"]
     try:
@@ -178,7 +201,7 @@ def main():
         job = read_frame(sys.stdin.buffer)
         if job is None:
             return
-        write_frame(sys.stdout.buffer, execute(job, root, run, drop_uid, base_vm))
+        write_frame(sys.stdout.buffer, execute(job, root, harness, drop_uid, base_vm))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[l
         gold = row.get("answer", row.get("solution"))
         samples.append([Scored(c.text, c.tokens, bool(score(c.text, gold, row.get("task"),
                                                             row.get("meta"))),
-                               is_well_formed(c.text, recipe.answer_format) and c.finish_reason == "stop")
+                               is_well_formed(c.text, recipe.answer_format) and c.finish_reason == "stop",
+                               tuple(c.messages))
                         for c in comps])
     return [r["prompt"] for r in rows], samples
 

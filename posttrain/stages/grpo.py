@@ -18,7 +18,10 @@ R1-Zero straight from the base: `posttrain grpo recipes/tiny/grpo_zero.yaml --ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
+
+from transformers import TrainerCallback
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe as BaseRecipe
@@ -30,6 +33,7 @@ from posttrain.stages.objectives import objective as find_objective
 from posttrain.stages.sampling import PromptFields
 from posttrain.stages.training import load_trainable, run_training
 from posttrain.stages.vllm_sync import RolloutCheck, colocated_engine, use_reload_sync
+from posttrain.tools import PythonTool, StepClock, ToolLimits, check_tools
 
 DYNAMIC_SAMPLING = ("refill", "mask")
 # Mean |log p| gap between vLLM's sampled tokens and the trainer's above which a GRPO stage stops.
@@ -56,6 +60,10 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
         rollout_logprob_gap: With vLLM generating, stop the stage when the mean gap between
             vLLM's and the trainer's log-probs of the sampled tokens exceeds this
             (posttrain.stages.vllm_sync); null: no check.
+        tools: Tools the policy may call mid-rollout (`[python]`: posttrain.tools), through
+            TRL's tool loop; tool results carry no loss (TRL's `tool_mask`).
+        max_tool_calls: Tool calls per rollout (later ones are answered that the budget is
+            spent); also TRL's `max_tool_calling_iterations`.
     """
 
     rewards: dict[str, float] = dataclasses.field(
@@ -66,6 +74,8 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
     max_sampling_rounds: int = 4
     overlong_shaping: bool | None = None
     rollout_logprob_gap: float | None = ROLLOUT_LOGPROB_GAP
+    tools: list[str] = dataclasses.field(default_factory=list)
+    max_tool_calls: int = 4
 
     KIND: ClassVar[str] = "grpo"
     TRAINER_CONFIG: ClassVar[str] = GRPO_CONFIG
@@ -100,7 +110,10 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
             raise UserError("rollout_logprob_gap: the check reads the log-prob gap TRL measures "
                             "with vllm_importance_sampling_correction: true; turn that on, or "
                             "set rollout_logprob_gap: null")
-        positive(self, "rollout_logprob_gap")
+        positive(self, "rollout_logprob_gap", "max_tool_calls")
+        check_tools(self.tools)
+        if "max_tool_calling_iterations" in self.trainer:
+            raise UserError("max_tool_calling_iterations: set max_tool_calls (calls per rollout)")
         if preset and not preset.dynamic_sampling_ok and self.dynamic_sampling:
             raise UserError(f"objective {self.objective}: dynamic_sampling works with the GRPO "
                             "trainer's objectives, not this one")
@@ -137,7 +150,10 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
 
     def own_settings(self) -> dict[str, Any]:
         # TRL weighs the reward functions in the order `rewards` lists them.
-        return {"reward_weights": list(self.rewards.values())}
+        own: dict[str, Any] = {"reward_weights": list(self.rewards.values())}
+        if self.tools and "max_tool_calling_iterations" in self.trainer_fields():
+            own["max_tool_calling_iterations"] = self.max_tool_calls  # >= 1 call a round
+        return own
 
     def values(self) -> dict[str, Any]:
         return {**super().values(), "objective_settings": self.objective_settings()}
@@ -154,12 +170,25 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
     build_prompts(recipe)  # missing prompt/answer columns, empty files: before the stage starts
     build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
     check_dynamic_sampling(recipe, ctx.plan.args)
+    if recipe.tools:
+        from posttrain.tools.chat import check_tool_template
+        check_tool_template(load_tokenizer(ctx.init_path, **recipe.tokenizer_options()), "tools")
     if recipe.trainer.get("use_vllm"):
         from trl.import_utils import is_vllm_available
         if not is_vllm_available():
             raise UserError("use_vllm: true needs vLLM (pip install 'posttrain[vllm]'); "
                             "set use_vllm: false to generate with transformers")
     load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+
+
+class ToolClock(TrainerCallback):
+    """Opens each optimizer step's tool-time budget (`posttrain.tools.StepClock`)."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.start()
 
 
 def check_dynamic_sampling(recipe: Recipe, args) -> None:
@@ -203,9 +232,16 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
         cls = DynamicSamplingGRPOTrainer
         extra = {"mode": recipe.dynamic_sampling, "max_sampling_rounds": recipe.max_sampling_rounds}
 
+    if recipe.tools:  # one PythonTool per rollout (TRL's environment_factory), one step clock
+        limits = ToolLimits(max_calls=recipe.max_tool_calls)
+        clock = StepClock(limits.step_seconds)
+        extra["environment_factory"] = functools.partial(PythonTool, limits, clock)
+
     def build(model, callbacks):
         if ctx.plan.args.use_vllm and recipe.rollout_logprob_gap is not None:
             callbacks = [RolloutCheck(recipe.rollout_logprob_gap), *callbacks]
+        if recipe.tools:
+            callbacks = [ToolClock(clock), *callbacks]
         with colocated_engine(model, ctx.plan.args.use_vllm):
             trainer = cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
                           train_dataset=train, processing_class=tokenizer,

@@ -43,6 +43,9 @@ class SamplingFields:
         max_new_tokens: Generation cap per sample; a capped sample counts as unfinished.
         rollout_backend: `auto` (vLLM on a GPU where it can run the model), `hf` or `vllm`.
         rollout_batch_size: Sequences per HF generation batch.
+        tools: Tools the model may call while it samples (`[python]`, posttrain.tools): the
+            tool-using policy sampled as GRPO trains it; kept samples keep their tool turns.
+        max_tool_calls: Tool calls per sample.
     """
 
     samples_per_prompt: int = 8
@@ -51,6 +54,8 @@ class SamplingFields:
     max_new_tokens: int = 128
     rollout_backend: str = "auto"
     rollout_batch_size: int = 64
+    tools: list[str] = dataclasses.field(default_factory=list)
+    max_tool_calls: int = 4
 
     def check_sampling(self) -> None:
         """UserError for sampling values no backend can run."""
@@ -62,13 +67,17 @@ class SamplingFields:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        positive(self, "samples_per_prompt", "max_new_tokens", "rollout_batch_size")
+        positive(self, "samples_per_prompt", "max_new_tokens", "rollout_batch_size",
+                 "max_tool_calls")
+        from posttrain.tools import check_tools
+        check_tools(self.tools)
 
     def sampling(self):
         """The rollout `Sampling` these fields describe (seeded by the recipe's seed)."""
         from posttrain.rollout import Sampling
         return Sampling(n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p,
-                        max_new_tokens=self.max_new_tokens, seed=self.seed)
+                        max_new_tokens=self.max_new_tokens, seed=self.seed,
+                        tools=tuple(self.tools), max_tool_calls=self.max_tool_calls)
 
 
 @dataclasses.dataclass

@@ -46,6 +46,10 @@ def to_prompt_completion(ds, where: str = "train_data"):
             raise UserError(f"{where}: a conversation does not end with an assistant turn (its "
                             f"last role: {msgs[-1].get('role') if msgs else 'none'}); SFT trains on "
                             f"the final assistant reply")
+        if any(m.get("role") == "tool" for m in msgs):
+            raise UserError(f"{where}: conversations with tool turns train with "
+                            f"assistant_only_loss: true (a template with {{% generation %}} "
+                            f"markers), so every assistant turn has loss and no tool result does")
         return {"prompt": msgs[:-1], "completion": msgs[-1:]}
     return ds.map(split, remove_columns=ds.column_names)
 

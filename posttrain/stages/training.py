@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,23 @@ class PlanCallback(TrainerCallback):
 
 
 class JsonlLogger(TrainerCallback):
-    """Append every trainer log record to logs.jsonl (the report plots from it)."""
+    """Append every trainer log record to logs.jsonl (the report plots from it), with the wall
+    seconds since training began (`elapsed_s`: step times, read off the log)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.start = time.monotonic()
         path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
+            record = {"step": state.global_step, **logs,
+                      "elapsed_s": round(time.monotonic() - self.start, 3)}
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
 
 def last_checkpoint(ctx: StageContext) -> str | None:

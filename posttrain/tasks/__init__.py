@@ -3,8 +3,10 @@
 from posttrain.tasks.arithmetic import Arithmetic
 from posttrain.tasks.base import Example, Task
 from posttrain.tasks.countdown import Countdown
+from posttrain.tasks.product import Product
 
-TASKS: dict[str, Task] = {"arithmetic": Arithmetic(), "countdown": Countdown()}
+TASKS: dict[str, Task] = {"arithmetic": Arithmetic(), "countdown": Countdown(),
+                         "product": Product()}
 
 __all__ = ["TASKS", "Example", "Task", "get_task"]
 

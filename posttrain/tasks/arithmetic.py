@@ -4,6 +4,11 @@
 Operands are zero-padded to the digit count: unpadded, small models learn one trace for every
 prompt (measured). Difficulty knobs: `digits` (int or [lo, hi]) and `carries` (allow them or not) —
 the cold-start set can be made narrow (no carries) so RL has a gap to close.
+
+`style: words` renders the same problems for a pretrained model, in natural language: "What is
+56 + 504?", worked column by column from the ones ("6 + 4 = 10, carry 1. 5 + 0 + 1 = 6, carry 0.
+0 + 5 = 5, carry 0. So 56 + 504 = 560.") — the tiny world's task as a question a real model can
+read, its trace kept short (a 135M model trains on it on CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from typing import Any
 from posttrain.tasks.base import Example, Task
 
 _STEP = re.compile(r"^\s*(\d)\+(\d)\+(\d)=(\d{1,2}) c([01])\s*$")
+# "6 + 4 = 10, carry 1." (no carry in) or "5 + 0 + 1 = 6, carry 0." (a carry in)
+_WORD_STEP = re.compile(r"(\d) \+ (\d)(?: \+ (1))? = (\d{1,2}), carry ([01])\.")
+STYLES = ("digits", "words")
 
 
 def _digits_range(digits: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -42,11 +50,24 @@ def addition_trace(a: str, b: str) -> str:
     return "|".join(steps)
 
 
+def words_trace(a: str, b: str) -> str:
+    """The digit-wise trace as sentences, one column each from the ones, then the sum."""
+    steps, carry = [], 0
+    for da, db in zip(reversed(a), reversed(b)):
+        s = int(da) + int(db) + carry
+        added = f"{da} + {db}" + (" + 1" if carry else "")
+        steps.append(f"{added} = {s}, carry {s // 10}.")
+        carry = s // 10
+    return " ".join(steps) + f" So {int(a)} + {int(b)} = {int(a) + int(b)}."
+
+
 class Arithmetic(Task):
     name = "arithmetic"
 
     def sample(self, rng: random.Random, digits: int | list[int] = (1, 3),
-               carries: bool = True) -> Example:
+               carries: bool = True, style: str = "digits") -> Example:
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
         lo, hi = _digits_range(digits)
         for _try in range(1000):
             d = rng.randint(lo, hi)
@@ -54,13 +75,14 @@ class Arithmetic(Task):
             if carries or not _has_carry(a, b):
                 break
         sa, sb = str(a).zfill(d), str(b).zfill(d)
+        words = style == "words"
         return Example(
             task=self.name,
-            prompt=f"What is {sa}+{sb}?",
+            prompt=f"What is {a} + {b}?" if words else f"What is {sa}+{sb}?",
             answer=str(a + b),
-            trace=addition_trace(sa, sb),
+            trace=words_trace(sa, sb) if words else addition_trace(sa, sb),
             meta={"key": f"{sa}+{sb}", "a": sa, "b": sb, "digits": d,
-                  "carry": _has_carry(a, b)},
+                  "carry": _has_carry(a, b), "style": style},
         )
 
     def check_answer(self, answer: str, meta: dict[str, Any]) -> bool:
@@ -71,6 +93,10 @@ class Arithmetic(Task):
 
     def check_trace(self, trace: str, meta: dict[str, Any]) -> bool:
         a, b = meta["a"], meta["b"]
+        if meta.get("style") == "words":
+            steps = [(int(x), int(y), int(c or 0), int(s), int(c_out))
+                     for x, y, c, s, c_out in _WORD_STEP.findall(trace)]
+            return len(steps) == len(a) and _steps_right(steps, a, b)
         parts = [p for p in trace.strip().split("|")]
         if len(parts) != len(a):
             return False
@@ -86,3 +112,13 @@ class Arithmetic(Task):
                 return False
             carry = c_out
         return True
+
+
+def _steps_right(steps: list[tuple[int, ...]], a: str, b: str) -> bool:
+    """Each (digit, digit, carry in, sum, carry out) step right, column by column."""
+    carry = 0
+    for (x, y, c, s, c_out), da, db in zip(steps, reversed(a), reversed(b)):
+        if (x, y, c) != (int(da), int(db), carry) or s != x + y + c or c_out != s // 10:
+            return False
+        carry = c_out
+    return True
