@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -41,9 +42,20 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+_NO_MATPLOTLIB_SAID = False
+
+
 def _pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), imported only when plotting."""
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend (no display needed), imported only when plotting;
+    None where matplotlib is not installed (an offline GPU image: no PNGs, said once)."""
+    global _NO_MATPLOTLIB_SAID
+    try:
+        import matplotlib
+    except ImportError:
+        if not _NO_MATPLOTLIB_SAID:
+            _NO_MATPLOTLIB_SAID = True
+            print("[posttrain] matplotlib is not installed: no plots", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -65,6 +77,8 @@ def plot_curves(records: list[dict], panels: list[tuple[str, list[str]]], out: s
     Returns the PNG path, or None when no key has any data (nothing is written then).
     """
     plt = _pyplot()
+    if plt is None:
+        return None
 
     panels = [(label, [k for k in keys if series(records, k)[0]]) for label, keys in panels]
     panels = [(label, keys) for label, keys in panels if keys]
@@ -125,6 +139,8 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], out: str
     Returns the PNG path, or None when no panel has data.
     """
     plt = _pyplot()
+    if plt is None:
+        return None
 
     panels = [(name, {k: v for k, v in lines.items() if v[0]}) for name, lines in panels]
     panels = [(name, lines) for name, lines in panels if lines]
@@ -157,6 +173,8 @@ def plot_bars(groups: list[str], bars: dict[str, list[float]], out: str | Path, 
               ylabel: str = "") -> Path | None:
     """Grouped bars: one group per x label (e.g. task), one bar per series (e.g. stage)."""
     plt = _pyplot()
+    if plt is None:
+        return None
 
     if not groups or not bars:
         return None

@@ -167,7 +167,7 @@ def test_power_of_two_scales_retile_without_a_second_rounding():
 def test_wgrad_operand_is_quantized_once():
     """The activation Wgrad reads is x quantized once along the tokens, from high precision: its
     error is a single quantization's, not a re-tiling's of an FP8 copy."""
-    from posttrain.fp8.linear import _FP8LinearFn, FP8Config
+    from posttrain.fp8.linear import FP8Config, _FP8LinearFn
 
     torch.manual_seed(2)
     x = torch.randn(256, 512) * torch.rand(256, 1).add(0.1)
