@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._heldout import bench_workspace  # noqa: E402
+from posttrain.stages.objectives import OBJECTIVES  # noqa: E402
 
 # The demo's GRPO recipe without the keys a preset sets (so each preset's own values apply).
 PRESET_KEYS = ("loss_type", "beta", "dynamic_sampling", "epsilon", "epsilon_high",
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step (x 8 completions)")
-    ap.add_argument("--presets", default="grpo,dr_grpo,dapo,gspo,cispo,rloo,reinforce_pp")
+    ap.add_argument("--presets", default=",".join(OBJECTIVES))
     ap.add_argument("--threads", type=int, default=int(os.environ.get("POSTTRAIN_THREADS", 2)))
     args = ap.parse_args()
 

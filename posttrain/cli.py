@@ -90,7 +90,7 @@ def _eval_command(argv: list[str]) -> int:
         import os
         os.environ["POSTTRAIN_DATA_DIR"] = args.data_dir
     from posttrain import runtime
-    from posttrain.evaluate import eval_model, run_eval
+    from posttrain.evaluate import eval_model, load_suite, run_eval
     from posttrain.manifest import Manifest
     from posttrain.tables import eval_table
     runtime.configure()
@@ -101,7 +101,7 @@ def _eval_command(argv: list[str]) -> int:
         label = args.stage
         results = run_eval(Manifest(args.run), args.stage, args.suite, backend=args.backend,
                            weights=args.weights)
-    print(eval_table({label: {"eval": {args.suite: results}}}))
+    print(eval_table({label: {"eval": {load_suite(args.suite).name: results}}}))
     return 0
 
 

@@ -137,12 +137,12 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
         return {}
     manifest.finish(name, metrics)
     if eval_after and recipe.eval_suite:
-        from posttrain.evaluate import run_eval
+        from posttrain.evaluate import load_suite, run_eval
         from posttrain.rollout import release_engines
         from posttrain.tables import eval_table
         try:
             results = run_eval(manifest, name, recipe.eval_suite)
         finally:
             release_engines()  # the next stage of a chain trains on this memory (or GPU)
-        print(eval_table({name: {"eval": {Path(recipe.eval_suite).stem: results}}}))
+        print(eval_table({name: {"eval": {load_suite(recipe.eval_suite).name: results}}}))
     return manifest.stage(name)

@@ -18,10 +18,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _default_threads() -> int:
+    """Two torch threads, or the cores shared out among pytest-xdist workers (one each on two
+    cores): oversubscribed threads slow torch many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     from posttrain import runtime
-    runtime.configure(int(os.environ.get("POSTTRAIN_THREADS", 2)))
+    threads = int(os.environ.get("POSTTRAIN_THREADS", 0)) or _default_threads()
+    os.environ["POSTTRAIN_THREADS"] = str(threads)  # subprocesses (CLI, accelerate) too
+    runtime.configure(threads)
     runtime.quiet()
 
 

@@ -156,12 +156,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 class FP8Linear(nn.Linear):
-    """`nn.Linear` whose GEMMs run in FP8; the weight stays an FP32 (master) parameter."""
+    """`nn.Linear` whose GEMMs run in FP8; the weight stays an FP32 (master) parameter.
+    `linear_fn` is the GEMM it calls (a benchmark puts another precision's on the same layers)."""
 
     fp8_config: FP8Config = DEFAULT
+    linear_fn = staticmethod(fp8_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fp8_config)
+        return self.linear_fn(x, self.weight, self.bias, self.fp8_config)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: FP8Config = DEFAULT) -> FP8Linear:
@@ -183,6 +185,8 @@ class FP8Experts(nn.Module):
     checkpoints and the optimizer see no change.
     """
 
+    linear_fn = staticmethod(fp8_linear)  # as FP8Linear's
+
     def __init__(self, experts: nn.Module, config: FP8Config = DEFAULT):
         super().__init__()
         self.fp8_config = config
@@ -203,9 +207,9 @@ class FP8Experts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tok = torch.where(mask[e])
-            gate, up = fp8_linear(hidden_states[tok], self.gate_up_proj[e],
-                                  config=self.fp8_config).chunk(2, dim=-1)
-            h = fp8_linear(self.act_fn(gate) * up, self.down_proj[e], config=self.fp8_config)
+            gate, up = self.linear_fn(hidden_states[tok], self.gate_up_proj[e],
+                                      config=self.fp8_config).chunk(2, dim=-1)
+            h = self.linear_fn(self.act_fn(gate) * up, self.down_proj[e], config=self.fp8_config)
             out.index_add_(0, tok, (h * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
 

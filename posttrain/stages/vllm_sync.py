@@ -56,10 +56,25 @@ def colocated_engine(model: Any, use_vllm: bool) -> Iterator[None]:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") \
         if hasattr(model, "parameters") else "float32"
     vllm_generation.LLM = functools.partial(real, dtype=dtype, enforce_eager=True)
+    launch_env = {key: os.environ.get(key) for key in _LAUNCH_ENV}
     try:
         yield
     finally:
         vllm_generation.LLM = real
+        _restore_env(launch_env)
+
+
+# TRL sets these for vLLM's process group when it builds a colocated engine; left behind, a
+# later `accelerate launch` from this process would inherit a rank and a taken port.
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def use_reload_sync(trainer: Any) -> bool:
