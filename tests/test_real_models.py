@@ -93,15 +93,20 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
               "eval_suite": "null", "gradient_accumulation_steps": "1"}
     # Padding-free packing needs flash-attention kernels (GPU); on CPU it mixes examples.
     unpacked = {"packing": "false"}
-    # Sampled cooler than the recipes' 0.6-0.8: a few dozen steps leave the model unsure. The
-    # prompts share one text, so they share one set of samples: 32 of them.
+    # Rejection sampling runs cooler than the recipes' 0.6 (a few dozen steps leave the model
+    # unsure), DPO hotter than their 0.8 (the cold start answers its one question right nearly
+    # always, and a pair needs a wrong or malformed sample too). The prompts share one text, so
+    # they share one set of samples: 32 of them.
     sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
               "samples_per_prompt": "32", "temperature": "0.3"}
     openr1 = _flow([{"path": str(files["openr1"])}])
     prompts = _flow([{"path": str(files["openr1"]), "n": 4}])  # the sampling stages: 4 prompts
     return {
-        "sft": {**common, **unpacked, "eval_suite": str(suite), "train_data": openr1, "max_steps": "40", "learning_rate": "0.01",
-                "lr_scheduler_type": "constant", "per_device_train_batch_size": "4",
+        # The rows are one example repeated: batch 1 learns what batch 4 would, at a quarter of
+        # the cost (the 128k-152k vocab's logits are most of a step).
+        "sft": {**common, **unpacked, "eval_suite": str(suite), "train_data": openr1,
+                "max_steps": "60", "learning_rate": "0.01",
+                "lr_scheduler_type": "constant", "per_device_train_batch_size": "1",
                 "max_length": "128", "dataset_num_proc": "null", "warmup_steps": "0",
                 "num_train_epochs": "1"},
         "grpo": {**common, "prompt_data": openr1, "use_vllm": "false", "max_steps": "1",
@@ -110,7 +115,7 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
         "rejection": {"prompt_data": prompts, **sample},
         "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"]), "n": 4}]),
                 **{k: v for k, v in sample.items() if k != "max_tokens"},
-                "temperature": "0.5", "max_steps": "1", "per_device_train_batch_size": "2",
+                "temperature": "1.5", "max_steps": "1", "per_device_train_batch_size": "2",
                 "max_length": "128", "precompute_ref_batch_size": "2"},
         "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,
                     "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},
