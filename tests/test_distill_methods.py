@@ -75,11 +75,20 @@ def _tiny_on(tokenizer_dir: Path, out: Path, arch: str, **config) -> Path:
     return out
 
 
-@pytest.mark.skipif(not TOKENIZERS.is_dir(), reason="needs ../shared/tokenizers")
+@pytest.fixture(scope="module")
+def qwen_and_llama(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny models around the real Qwen2.5 and Llama-3.2 tokenizers (built once: their 128k-152k
+    vocabularies make them the slow part)."""
+    if not TOKENIZERS.is_dir():
+        pytest.skip("needs ../shared/tokenizers")
+    root = tmp_path_factory.mktemp("families")
+    return (_tiny_on(TOKENIZERS / "qwen2.5-instruct", root / "qwen", "qwen2"),
+            _tiny_on(TOKENIZERS / "llama-3.2-instruct", root / "llama", "llama"))
+
+
 @pytest.mark.parametrize("method", ["logits", "on_policy"])
-def test_tokenizer_mismatch_is_one_line_and_writes_nothing(method, tmp_path):
-    qwen = _tiny_on(TOKENIZERS / "qwen2.5-instruct", tmp_path / "qwen", "qwen2")
-    llama = _tiny_on(TOKENIZERS / "llama-3.2-instruct", tmp_path / "llama", "llama")
+def test_tokenizer_mismatch_is_one_line_and_writes_nothing(method, qwen_and_llama, tmp_path):
+    qwen, llama = qwen_and_llama
     runs = tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain.cli", "distill", "recipes/tiny/distill_qwen.yaml",

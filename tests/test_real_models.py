@@ -96,9 +96,11 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
     # Rejection sampling runs cooler than the recipes' 0.6 (a few dozen steps leave the model
     # unsure), DPO hotter than their 0.8 (the cold start answers its one question right nearly
     # always, and a pair needs a wrong or malformed sample too). The prompts share one text, so
-    # they share one set of samples: 32 of them.
+    # they share one set of samples: 32 of them. Sampled cool, they need no nucleus cut (HF's
+    # top-p sorts the whole 128k-152k vocabulary at every token: most of the sampling time);
+    # DPO's hot samples keep the recipe's.
     sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
-              "samples_per_prompt": "32", "temperature": "0.3"}
+              "samples_per_prompt": "32", "temperature": "0.3", "top_p": "1.0"}
     openr1 = _flow([{"path": str(files["openr1"])}])
     prompts = _flow([{"path": str(files["openr1"]), "n": 4}])  # the sampling stages: 4 prompts
     return {
@@ -114,7 +116,7 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
                  "max_completion_length": "24", "log_completions": "false"},
         "rejection": {"prompt_data": prompts, **sample},
         "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"]), "n": 4}]),
-                **{k: v for k, v in sample.items() if k != "max_tokens"},
+                **{k: v for k, v in sample.items() if k not in ("max_tokens", "top_p")},
                 "temperature": "1.5", "max_steps": "1", "per_device_train_batch_size": "2",
                 "max_length": "128", "precompute_ref_batch_size": "2"},
         "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,

@@ -113,7 +113,7 @@ def quantize_weight(w: torch.Tensor, pow2: bool = False) -> FP8Tensor:
 
 def retile_columns(x: FP8Tensor, pow2: bool = False) -> FP8Tensor:
     """1x128 tiles of `x` → 1x128 tiles of `xᵀ` (i.e. 128x1 tiles of `x`), from the FP8 values
-    alone. Under amax/448 scales this rounds the values a second time; under power-of-two scales
+    alone. Under amax/448 scales the values are rounded a second time; under power-of-two scales
     it adds no error to values that stay in E4M3's normal range. (The training layers quantize
     the Wgrad operand once, from high precision, instead: posttrain.fp8.linear.)"""
     return quantize(x.dequantize().t(), TILE, pow2)

@@ -52,6 +52,11 @@ def colocated_engine(model: Any, use_vllm: bool) -> Iterator[None]:
     from trl.generation import vllm_generation
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if os.environ.get("POSTTRAIN_THREADS"):
+        # The thread budget holds for the engine's processes too: vLLM-CPU otherwise pins one
+        # thread to every physical core, oversubscribing a shared machine.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ["POSTTRAIN_THREADS"])
     real = vllm_generation.LLM
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") \
         if hasattr(model, "parameters") else "float32"
