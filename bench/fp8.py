@@ -21,7 +21,7 @@
 
 The FP8 GEMMs here are the CPU reference (exact E4M3 products, FP32 per 128-block). The BF16
 arm computes what a BF16 tensor-core GEMM does — operands rounded to BF16, products accumulated
-in FP32 — on the same layers FP8 covers (`Bf16Linear`, `Bf16Experts` below), with FP32 master
+in FP32 — on the same layers FP8 covers (the FP8 layers with `_bf16_linear` below as their GEMM), with FP32 master
 weights: CPU autocast emulates BF16 matmuls at ~9x the FP32 step time on this machine's AVX2,
 which the branch protocol cannot afford, and this keeps the FP8-vs-BF16 difference to the GEMMs.
 
