@@ -250,7 +250,10 @@ def branch_table(args) -> dict:
             model = build(tok, arm)
             model.load_state_dict(checkpoint[0])
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-            opt.load_state_dict(checkpoint[1])
+            # A copy: load_state_dict keeps the very tensors it is given (same dtype and
+            # device), and AdamW updates them in place, so every later arm would start from the
+            # moments and step count the previous arm left.
+            opt.load_state_dict(copy.deepcopy(checkpoint[1]))
             train(model, arm, opt, window)
             loss[arm].append(heldout_loss(tok, model.state_dict(), heldout))
             seconds[arm] += time.perf_counter() - t

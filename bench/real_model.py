@@ -1,7 +1,7 @@
 """A real pretrained model through the chain on CPU: SmolLM2-135M-Instruct, from its GGUF file.
 
 base eval → cold-start SFT (recipes/smollm2-135m/sft.yaml) → GRPO with vLLM colocated
-(recipes/smollm2-135m/grpo.yaml) → eval, every eval on eval/smollm2.yaml: 2-3 digit sums asked in
+(recipes/smollm2-135m/grpo.yaml) → eval, every eval on eval/smollm2.yaml: 2-digit sums asked in
 words (the trained task) and GSM8K (the real benchmark the model must not lose), R1's sampling.
 pass@1 is the mean over each prompt's samples, with its standard error over prompts; a stage's
 gain over the previous one also gets the standard error of the per-prompt difference (the same
@@ -12,7 +12,7 @@ from the SFT model with vLLM generating (the main run) and with HF `generate` (a
 run, same seed, prompts and settings); a step's time is read off the stage's logs (`elapsed_s`),
 its first step (warm-up) left out.
 
-Run: `python bench/real_model.py [--grpo_steps 30] [--threads 2]` (`make real`).
+Run: `python bench/real_model.py [--grpo_steps 16] [--threads 2]` (`make real`).
 Last line: `{"task", "base", "sft", "grpo" (each {task: {pass@1, pass@1_se, format_rate}} for the
 trained task and gsm8k), "gains", "grpo_step_s_vllm", "grpo_step_s_hf", "step_ratio", "minutes"}`.
 """
@@ -70,8 +70,8 @@ def figures(results: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sft_steps", type=int, default=16)
-    ap.add_argument("--grpo_steps", type=int, default=30)
+    ap.add_argument("--sft_steps", type=int, default=12)
+    ap.add_argument("--grpo_steps", type=int, default=16)
     ap.add_argument("--hf_steps", type=int, default=3, help="steps of the HF-generation run")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -119,7 +119,7 @@ def main() -> None:
             gains.setdefault(name, {})[task] = {"gain": round(g, 4), "se": round(se, 4)}
 
     rows = [("base", base), ("sft", sft), ("grpo", grpo)]
-    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1) on 2-3 digit sums in words ({TASK}) and GSM8K, "
+    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1) on 2-digit sums in words ({TASK}) and GSM8K, "
           f"pass@1 ± se ({base[TASK]['n_samples']} samples per prompt)")
     print(f"{'stage':<8}{'task':<12}{'pass@1':>8}{'±se':>8}{'format':>8}{'gain':>9}{'±se':>8}")
     for name, res in rows:
@@ -128,7 +128,7 @@ def main() -> None:
             print(f"{name:<8}{task:<12}{res[task]['pass@1']:>8.3f}{res[task]['pass@1_se']:>8.3f}"
                   f"{res[task]['format_rate']:>8.3f}"
                   + (f"{g['gain']:>+9.3f}{g['se']:>8.3f}" if g else ""))
-    print(f"GRPO step (steps 2-{args.hf_steps}, {16} completions): vLLM {vllm_s:.1f}s "
+    print(f"GRPO step (steps 2-{args.hf_steps}, 16 completions): vLLM {vllm_s:.1f}s "
           f"(mean length {vllm_len:.1f}), HF generate {hf_s:.1f}s (mean length {hf_len:.1f}); "
           f"ratio {vllm_s / hf_s:.2f}")
     minutes = (time.time() - start) / 60

@@ -7,6 +7,7 @@ deliberately: the recipe's `threads`, else $POSTTRAIN_THREADS, else all cores up
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 
 
 def configure(threads: int | None = None) -> int:
@@ -20,6 +21,17 @@ def configure(threads: int | None = None) -> int:
     except RuntimeError:  # already set once in this process
         pass
     return n
+
+
+def vllm_cpu_env(env: MutableMapping[str, str]) -> None:
+    """The settings a vLLM-CPU engine needs in `env` (a child's env, or os.environ for an engine
+    in this process): a 1 GiB KV cache (vLLM's default of 4 is too much here) and, when a thread
+    budget is set, that budget without core pinning (vLLM-CPU otherwise pins one thread to every
+    physical core, oversubscribing a shared machine). Values already set win."""
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if os.environ.get("POSTTRAIN_THREADS"):
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("OMP_NUM_THREADS", os.environ["POSTTRAIN_THREADS"])
 
 
 def quiet() -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from posttrain import runtime
 from posttrain.errors import UserError
 
 GAP_METRIC = "sampling/sampling_logp_difference/mean"
@@ -51,12 +52,7 @@ def colocated_engine(model: Any, use_vllm: bool) -> Iterator[None]:
         return
     from trl.generation import vllm_generation
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if os.environ.get("POSTTRAIN_THREADS"):
-        # The thread budget holds for the engine's processes too: vLLM-CPU otherwise pins one
-        # thread to every physical core, oversubscribing a shared machine.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ["POSTTRAIN_THREADS"])
+    runtime.vllm_cpu_env(os.environ)
     real = vllm_generation.LLM
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") \
         if hasattr(model, "parameters") else "float32"
