@@ -59,7 +59,8 @@ WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=256, q_lora_rank=256,
             qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
-# arm -> how it trains: "fp32", "bf16" (autocast), or an FP8Config mapping; the table's order.
+# arm -> how it trains: "fp32", "bf16" (the FP8 layers with a BF16 GEMM, `_bf16_linear`), or an
+# FP8Config mapping; the table's order.
 ARMS: dict[str, str | dict] = {
     "fp32": "fp32",
     "bf16": "bf16",
