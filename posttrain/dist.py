@@ -43,6 +43,21 @@ def barrier() -> None:
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
+def shutdown() -> None:
+    """Let go of the process group once every rank has finished training; a no-op for one process.
+
+    A rank that reaches interpreter exit with gloo's worker threads still up can abort
+    ("terminate called without an active exception") while rank 0 is still writing.
+    """
+    if world_size() <= 1:
+        return
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def all_gather_object(obj):
     """Every rank's `obj`, in rank order (just `[obj]` for a single process).
 

@@ -133,6 +133,7 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
         traceback.print_exc()
         raise UserError(f"stage {name!r} failed ({type(e).__name__}: {e}); see the traceback "
                         f"above; rerun the same command to resume") from None
+    dist.shutdown()  # every rank has trained; rank 0 alone writes and evaluates from here
     if not main_process:
         return {}
     manifest.finish(name, metrics)
