@@ -49,10 +49,11 @@ endif
 	touch $@
 
 # Two pytest-xdist workers, one torch thread each (tests/conftest.py): a test module is one unit
-# of work (its fixtures built once), the long end-to-end runs start first. TEST_WORKERS=0 runs
+# of work (its fixtures built once), the long end-to-end runs start first; the 12 slowest tests
+# are listed at the end (the suite is held to 10 min on 2 cores). TEST_WORKERS=0 runs
 # in this process.
 TEST_WORKERS ?= 2
-PYTEST = $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+PYTEST = $(BIN)/python -m pytest -q --durations=12 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 test: install
 	$(PYTEST) tests $(ARGS)
 
