@@ -164,8 +164,10 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], out: str
     if title:
         fig.suptitle(title)
     # Fixed spacing instead of tight_layout: a grid of panels costs seconds to auto-lay out.
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1, top=0.88 if title else 0.95,
-                        wspace=0.3, hspace=0.55)
+    # Margins in inches (the title, the x labels), so a single row keeps room for them too.
+    height = 2.6 * rows
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.45 / height,
+                        top=1 - (0.6 if title else 0.3) / height, wspace=0.3, hspace=0.55)
     return _save(fig, out)
 
 
