@@ -6,11 +6,11 @@ Qwen2.5 / Llama-3.2 tokenizer in ../shared/tokenizers; the chain's recipes under
 recipes/qwen2.5-1.5b/ and recipes/llama-3.2-1b/ then run through the CLI — sft → grpo → rejection
 → dpo → distill (traces) → eval for Qwen; sft → grpo → rejection for Llama (its template through
 training, RL and sampling; the later stages run the same code on another template) — and one
-logit-level distillation a family, changed only by overrides that shrink steps, lengths, batch sizes and data (small local
-files in the exact format of the hub sets the recipes name), that turn off what needs a GPU
-(bf16, colocated vLLM, padding-free packing), and one that is not a shrink: the cold start's
-learning rate, so that random weights learn R1's format in a few dozen steps and the data stages have verified samples
-to keep.
+logit-level distillation a family, changed only by overrides that shrink steps, lengths, batch
+sizes and data (small local files in the exact format of the hub sets the recipes name), that
+turn off what needs a GPU (bf16, colocated vLLM, padding-free packing), and one that is not a
+shrink: the cold start's learning rate, so that random weights learn R1's format in a few dozen
+steps and the data stages have verified samples to keep.
 """
 
 from __future__ import annotations
