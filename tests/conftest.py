@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,36 +81,91 @@ def runs_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_run(runs_root) -> str:
-    """Run `tiny` with `base` and `sft` done (few steps, no eval): a real model to work on."""
+def _built_once(tmp_path_factory, key: str, build) -> Path:
+    """The runs dir in which `build()` ran once for the whole test session: the first
+    pytest-xdist worker to ask builds it (in a folder every worker sees, under a file lock) and the
+    others wait for it, so a fixture run costs one build, not one per worker."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"built-{key}"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir(parents=True)
+            own = os.environ["POSTTRAIN_RUNS_DIR"]
+            os.environ["POSTTRAIN_RUNS_DIR"] = str(shared)
+            try:
+                build()
+            finally:
+                os.environ["POSTTRAIN_RUNS_DIR"] = own
+            (shared / ".built").touch()
+    return shared
+
+
+def _adopt(built: Path, run: str, stages: list[str], folders: tuple[str, ...] = ()) -> None:
+    """Copy `stages` of `run` from the shared runs dir `built` into this process's runs dir: their
+    folders (and the run's other `folders`), and their manifest entries, with the absolute paths
+    the manifest and the plans hold rewritten to the copy."""
+    from posttrain import atomic
+    own = Path(os.environ["POSTTRAIN_RUNS_DIR"])
+
+    def moved(text: str) -> str:
+        return text.replace(str(built), str(own))
+
+    src, dst = built / run, own / run
+    entries = json.loads(moved((src / "manifest.json").read_text()))["stages"]
+    manifest = (json.loads((dst / "manifest.json").read_text()) if (dst / "manifest.json").exists()
+                else {"run": run, "created": entries[stages[0]]["started"], "stages": {}})
+    for name in (*stages, *folders):
+        shutil.copytree(src / name, dst / name)
+        for plan in (dst / name).rglob("posttrain_plan.json"):
+            plan.write_text(moved(plan.read_text()))
+    manifest["stages"].update({name: entries[name] for name in stages})
+    atomic.write_json(dst / "manifest.json", manifest)
+
+
+def _build_tiny() -> None:
     from posttrain.runner import run_stage
     os.chdir(ROOT)
-    run_stage("base", "recipes/tiny/base.yaml", "tiny",
-              {"max_steps": "40", "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
+    for kind in ("base", "sft"):
+        run_stage(kind, f"recipes/tiny/{kind}.yaml", "tiny",
+                  {"max_steps": "40", "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
+
+
+def _build_teacher(tmp_path_factory) -> None:
+    """On a copy of the tiny run (its tokenizer is the one every worker's copy has)."""
+    from posttrain.manifest import Manifest
+    from posttrain.models import build_tiny_model, load_tokenizer
+    from posttrain.runner import run_stage
+    _adopt(_built_once(tmp_path_factory, "tiny", _build_tiny), "tiny", ["base", "sft"])
+    os.chdir(ROOT)
+    m = Manifest("tiny")
+    init = m.run_dir / "fresh_llama"
+    tok = load_tokenizer(m.resolve("base"))
+    build_tiny_model("llama", tok, num_attention_heads=2, num_key_value_heads=1
+                     ).save_pretrained(init)
+    tok.save_pretrained(init)
     run_stage("sft", "recipes/tiny/sft.yaml", "tiny",
-              {"max_steps": "40", "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
+              {"name": "teacher", "init_from": str(init), "max_steps": "150",
+               "train_data": "[{task: arithmetic, n: 60, digits: 1}]", "learning_rate": "0.003",
+               "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(runs_root, tmp_path_factory) -> str:
+    """Run `tiny` with `base` and `sft` done (few steps, no eval): a real model to work on. Built
+    once per session, copied into each worker's runs dir."""
+    _adopt(_built_once(tmp_path_factory, "tiny", _build_tiny), "tiny", ["base", "sft"])
     return "tiny"
 
 
 @pytest.fixture(scope="session")
-def teacher_run(tiny_run) -> str:
+def teacher_run(tiny_run, tmp_path_factory) -> str:
     """`tiny` plus stage `teacher`: a fresh tiny Llama SFT'd on 1-digit sums until most of its
-    samples are right — a model worth rejection sampling and distilling from (tests only)."""
-    from posttrain.manifest import Manifest
-    from posttrain.models import build_tiny_model, load_tokenizer
-    from posttrain.runner import run_stage
-    m = Manifest(tiny_run)
-    init = m.run_dir / "fresh_llama"
-    if not init.exists():
-        tok = load_tokenizer(m.resolve("base"))
-        build_tiny_model("llama", tok, num_attention_heads=2, num_key_value_heads=1
-                         ).save_pretrained(init)
-        tok.save_pretrained(init)
-    run_stage("sft", "recipes/tiny/sft.yaml", tiny_run,
-              {"name": "teacher", "init_from": str(init), "max_steps": "150",
-               "train_data": "[{task: arithmetic, n: 60, digits: 1}]", "learning_rate": "0.003",
-               "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
+    samples are right — a model worth rejection sampling and distilling from (tests only). Built
+    once per session on a tiny run of its own; its stage is copied in."""
+    built = _built_once(tmp_path_factory, "teacher", lambda: _build_teacher(tmp_path_factory))
+    _adopt(built, tiny_run, ["teacher"], folders=("fresh_llama",))
     return tiny_run
 
 
