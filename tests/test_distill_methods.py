@@ -4,8 +4,6 @@ shared-vocabulary check, training through the stage with its budget, the time bu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,16 +85,19 @@ def qwen_and_llama(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("method", ["logits", "on_policy"])
-def test_tokenizer_mismatch_is_one_line_and_writes_nothing(method, qwen_and_llama, tmp_path):
+def test_tokenizer_mismatch_is_one_line_and_writes_nothing(method, qwen_and_llama, tmp_path,
+                                                           monkeypatch, capsys):
+    from posttrain.cli import main as cli_main
     qwen, llama = qwen_and_llama
     runs = tmp_path / "runs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "distill", "recipes/tiny/distill_qwen.yaml",
-         "--run", "mismatch", "--teacher", str(qwen), "--init_from", str(llama),
-         "--student", "null", "--method", method], cwd=ROOT, capture_output=True, text=True,
-        env={**__import__("os").environ, "POSTTRAIN_RUNS_DIR": str(runs)}, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    monkeypatch.setenv("POSTTRAIN_RUNS_DIR", str(runs))
+    capsys.readouterr()
+    code = cli_main(["distill", "recipes/tiny/distill_qwen.yaml", "--run", "mismatch",
+                     "--teacher", str(qwen), "--init_from", str(llama), "--student", "null",
+                     "--method", method])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "needs one tokenizer for teacher and student" in lines[0]
     assert "use method: traces" in lines[0]
     assert not (runs / "mismatch").exists()

@@ -149,3 +149,42 @@ def test_base_checkpoint_is_prompted_with_r1_zero_template(tok, tmp_path, capsys
     chat = load_tokenizer(tmp_path, chat_template="r1_zero")  # tags: the paper's own wording
     assert "<answer> answer here </answer>" in chat.apply_chat_template(
         question, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-instruct", "llama-3.2-instruct"])
+def test_a_tokenizer_parsed_once_is_handed_out_as_independent_copies(name, tmp_path):
+    """Loads after the first are copies of one parse: each encodes, renders and saves as a fresh
+    parse does, and what one caller changes (pad and EOS tokens, padding side, template, added
+    tokens) never reaches the next; a folder whose files change is parsed again."""
+    import filecmp
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / name
+    if not src.is_dir():
+        pytest.skip(f"{src} not present (the shared tokenizers sit beside the checkout)")
+    folder = tmp_path / name
+    shutil.copytree(src, folder)
+    fresh = AutoTokenizer.from_pretrained(folder)
+    first, second = load_tokenizer(folder), load_tokenizer(folder)
+    text = "Hi <think>\n12 + 30 = 42\n</think> ünï 你好 $\\boxed{42}$"
+    chat = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}]
+    for tok in (first, second):
+        assert tok(text).input_ids == fresh(text).input_ids
+        assert tok.apply_chat_template(chat, tokenize=False) == \
+            fresh.apply_chat_template(chat, tokenize=False)
+    first.add_tokens(["<scratch>"])
+    first.eos_token, first.padding_side, first.chat_template = "<scratch>", "right", "X"
+    third = load_tokenizer(folder)
+    assert (third.eos_token, third.padding_side, len(third)) == (fresh.eos_token, "left", len(fresh))
+    assert third.chat_template == fresh.chat_template and "<scratch>" not in third.get_vocab()
+    second.save_pretrained(tmp_path / "copy")
+    fresh.pad_token = fresh.pad_token or fresh.eos_token
+    fresh.padding_side = "left"
+    fresh.save_pretrained(tmp_path / "fresh")
+    same = filecmp.dircmp(tmp_path / "copy", tmp_path / "fresh")
+    assert same.diff_files == same.left_only == same.right_only == []
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert load_tokenizer(folder).chat_template == "{{ messages[0]['content'] }}"
