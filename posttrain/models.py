@@ -246,45 +246,6 @@ def _saved_tokenizer_class(ref: str) -> str | None:
 
 
 _NOTICED: set[str] = set()
-# Parsed tokenizers by (class, folder, its files' sizes and times): the pristine object and its
-# backend's JSON. Never handed out; callers get copies.
-_PARSED: dict[tuple, tuple[Any, str]] = {}
-
-
-def _parsed_tokenizer(cls, ref: str):
-    """`cls.from_pretrained(ref)`, parsed once per process and folder; every call gets its own copy.
-
-    A stage loads its tokenizer three to five times (preflight, training, sampling, eval), and
-    transformers parses a 128k-152k-token vocabulary in 1-1.7 s; a copy takes a third of that.
-    The copy is independent (its own backend and containers): trainers set pad and EOS tokens,
-    stages set the padding side, and none of it may reach the next caller. A hub id or a folder
-    whose files changed is parsed again.
-    """
-    import copy
-
-    from tokenizers import Tokenizer
-
-    folder = Path(ref)
-    if not folder.is_dir():
-        return cls.from_pretrained(ref)
-    key = (cls, str(folder.resolve()),
-           tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in folder.iterdir() if f.is_file())))
-    if key not in _PARSED:
-        tok = cls.from_pretrained(ref)
-        backend = getattr(tok, "_tokenizer", None)
-        if not isinstance(backend, Tokenizer):
-            return tok  # not a `tokenizers`-backed class: nothing to share
-        if len(_PARSED) >= 4:
-            _PARSED.pop(next(iter(_PARSED)))
-        _PARSED[key] = (tok, backend.to_str())
-    pristine, backend_json = _PARSED[key]
-    tok = copy.copy(pristine)
-    for name, value in vars(pristine).items():
-        if isinstance(value, (dict, list, set)):
-            setattr(tok, name, copy.deepcopy(value) if name == "init_kwargs" else value.copy())
-    tok._tokenizer = Tokenizer.from_str(backend_json)
-    return tok
 
 
 def load_tokenizer(ref: str | Path, chat_template: str | None = None,
@@ -306,7 +267,7 @@ def load_tokenizer(ref: str | Path, chat_template: str | None = None,
         # of the model type (Qwen2Tokenizer for a qwen2 student), which adds tokens of its own.
         cls = PreTrainedTokenizerFast if _saved_tokenizer_class(ref) in _GENERIC_TOKENIZERS \
             else AutoTokenizer
-        tok = _parsed_tokenizer(cls, ref)
+        tok = cls.from_pretrained(ref)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {ref!r}: {str(e).splitlines()[0]}") from None
     if chat_template:
