@@ -163,7 +163,7 @@ def tiny_run(runs_root, tmp_path_factory) -> str:
 def teacher_run(tiny_run, tmp_path_factory) -> str:
     """`tiny` plus stage `teacher`: a fresh tiny Llama SFT'd on 1-digit sums until most of its
     samples are right — a model worth rejection sampling and distilling from (tests only). Built
-    once per session on a tiny run of its own; its stage is copied in."""
+    once per session on a copy of the tiny run; its stage is copied in."""
     built = _built_once(tmp_path_factory, "teacher", lambda: _build_teacher(tmp_path_factory))
     _adopt(built, tiny_run, ["teacher"], folders=("fresh_llama",))
     return tiny_run

@@ -149,4 +149,3 @@ def test_base_checkpoint_is_prompted_with_r1_zero_template(tok, tmp_path, capsys
     chat = load_tokenizer(tmp_path, chat_template="r1_zero")  # tags: the paper's own wording
     assert "<answer> answer here </answer>" in chat.apply_chat_template(
         question, tokenize=False, add_generation_prompt=True)
-
