@@ -165,7 +165,7 @@ def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], out: str
         fig.suptitle(title)
     # Fixed spacing instead of tight_layout: a grid of panels costs seconds to auto-lay out.
     # Margins in inches (the title, the x labels), so a single row keeps room for them too.
-    height = 2.6 * rows
+    height = fig.get_figheight()
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.45 / height,
                         top=1 - (0.6 if title else 0.3) / height, wspace=0.3, hspace=0.55)
     return _save(fig, out)

@@ -106,22 +106,21 @@ def _adopt(built: Path, run: str, stages: list[str], folders: tuple[str, ...] = 
     """Copy `stages` of `run` from the shared runs dir `built` into this process's runs dir: their
     folders (and the run's other `folders`), and their manifest entries, with the absolute paths
     the manifest and the plans hold rewritten to the copy."""
-    from posttrain import atomic
+    from posttrain.manifest import Manifest
     own = Path(os.environ["POSTTRAIN_RUNS_DIR"])
 
     def moved(text: str) -> str:
         return text.replace(str(built), str(own))
 
-    src, dst = built / run, own / run
+    src = built / run
     entries = json.loads(moved((src / "manifest.json").read_text()))["stages"]
-    manifest = (json.loads((dst / "manifest.json").read_text()) if (dst / "manifest.json").exists()
-                else {"run": run, "created": entries[stages[0]]["started"], "stages": {}})
+    manifest = Manifest(run)  # this process's copy of the run (a new one if it has none yet)
     for name in (*stages, *folders):
-        shutil.copytree(src / name, dst / name)
-        for plan in (dst / name).rglob("posttrain_plan.json"):
+        shutil.copytree(src / name, manifest.run_dir / name)
+        for plan in (manifest.run_dir / name).rglob("posttrain_plan.json"):
             plan.write_text(moved(plan.read_text()))
-    manifest["stages"].update({name: entries[name] for name in stages})
-    atomic.write_json(dst / "manifest.json", manifest)
+    manifest.stages.update({name: entries[name] for name in stages})
+    manifest.save()
 
 
 def _build_tiny() -> None:
