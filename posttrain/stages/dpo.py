@@ -56,7 +56,7 @@ class Recipe(TrainingFields, LoraFields, SamplingFields, PromptFields, BaseRecip
     TRAINER_DEFAULTS: ClassVar[dict[str, Any]] = dict(
         learning_rate=5e-5, beta=0.1, per_device_train_batch_size=16, lr_scheduler_type="cosine",
         warmup_steps=5, max_length=512, precompute_ref_log_probs=True,
-        gradient_checkpointing=False, logging_steps=5)
+        logging_steps=5)
     REQUIRED: ClassVar[tuple[str, ...]] = ("init_from",)
 
     def validate(self) -> None:
