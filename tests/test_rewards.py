@@ -46,6 +46,25 @@ def test_accuracy(completion, columns, expected):
     assert REWARDS["accuracy"]([completion], **cols) == [expected]
 
 
+SUM_META = json.dumps({"a": "80", "b": "54", "style": "words", "answer": "134"})
+STEP_ACCURACY = [
+    # Both answer 134; one works the wrong ones column, the other every column right.
+    ("<think>5 + 4 = 9, carry 0. 8 + 5 = 13, carry 1. So 80 + 54 = 134.</think> $\\boxed{134}$",
+     {"task": "arithmetic", "meta": SUM_META}, 0.5),
+    ("<think>0 + 4 = 4, carry 0. 8 + 5 = 13, carry 1. So 80 + 54 = 135.</think> $\\boxed{135}$",
+     {"task": "arithmetic", "meta": SUM_META}, 1.0),  # steps right, answer wrong: accuracy's job
+    ("$\\boxed{134}$", {"task": "arithmetic", "meta": SUM_META}, 0.0),  # no reasoning
+    ("<think>2 + 2 = 4</think> 4", {"answer": "4"}, None),  # no task to check steps by
+    ("<think>x</think>", {"task": "arithmetic", "meta": "{not json"}, None),  # bad meta row
+]
+
+
+@pytest.mark.parametrize("completion, columns, expected", STEP_ACCURACY)
+def test_step_accuracy(completion, columns, expected):
+    cols = {k: [v] for k, v in columns.items()}
+    assert REWARDS["step_accuracy"]([completion], **cols) == [expected]
+
+
 def test_accuracy_last_number_fallback_is_opt_in():
     text, gold = "so 18 eggs, 9 sold... she makes 18 dollars", ["16-3-4=9\n9*2=18\n#### 18"]
     (fn,), _ = build_reward_funcs({"accuracy": 1.0}, {"accuracy": {"last_number": True}})

@@ -120,6 +120,28 @@ def test_arithmetic_trace_checker(trace, ok):
     assert arith.check_trace(trace, ARITH_META) is ok
 
 
+@pytest.mark.parametrize("trace, meta, share", [
+    ("6+4+0=10 c1|5+0+1=6 c0|0+5+0=5 c0", ARITH_META, 1.0),
+    ("6+4+0=10 c0|5+0+0=5 c0|0+5+0=5 c0", ARITH_META, 1 / 3),  # a dropped carry
+    ("6+4+0=10 c1|5+0+1=6 c0", ARITH_META, 2 / 3),  # a column missing
+    ("6+4+0=10 c1|5+0+1=6 c0|0+5+0=5 c0|0+0+0=0 c0", ARITH_META, 3 / 4),  # one extra
+    ("garbage", ARITH_META, 0.0),
+    ("5 + 4 = 9, carry 0. 8 + 5 = 13, carry 1. So 80 + 54 = 134.",
+     {"a": "80", "b": "54", "style": "words"}, 0.5),  # the wrong ones digit
+    ("0 + 4 = 4, carry 0. 8 + 5 = 13, carry 1. So 80 + 54 = 134.",
+     {"a": "80", "b": "54", "style": "words"}, 1.0),
+])
+def test_arithmetic_step_score_is_the_share_of_columns_right(trace, meta, share):
+    assert arith.step_score(trace, meta) == pytest.approx(share)
+    assert arith.check_trace(trace, meta) is (share == 1.0)
+
+
+def test_step_score_of_a_task_without_columns_is_its_trace_check():
+    ex = countdown.generate("train", 1, seed=0)[0]
+    assert countdown.step_score(ex.trace, ex.meta) == 1.0
+    assert countdown.step_score("no steps here", ex.meta) == 0.0
+
+
 CD_META = {"numbers": [2, 3, 5], "target": 10}
 
 

@@ -11,6 +11,8 @@ Rewards (keys of `REWARDS`; tunable parameters in brackets, with defaults):
     format                1/0: `<think>…</think><answer>…</answer>` (template-opened `<think>` ok)
     tag_count             0.25 per think/answer tag present exactly once
     reasoning_steps       share of explicit steps in the reasoning [min_steps=3, separator=None]
+    step_accuracy         share of the reasoning's steps that are right (synthetic tasks' step
+                          checkers: partial credit where every sample misses the answer)
     length                Kimi-1.5: shorter within the group is better, never pays when wrong
     cosine                correctness scaled by length on a cosine [max_len=1000,
                           min_value_correct=0.5, max_value_correct=1.0, min_value_wrong=-1.0,
@@ -45,7 +47,7 @@ from typing import Any
 
 from posttrain.errors import UserError
 from posttrain.rewards.code import code
-from posttrain.rewards.correctness import accuracy
+from posttrain.rewards.correctness import accuracy, step_accuracy
 from posttrain.rewards.format import format_reward, reasoning_steps, tag_count
 from posttrain.rewards.language import language_consistency
 from posttrain.rewards.length import cosine, length, soft_overlong
@@ -58,6 +60,7 @@ REWARDS: dict[str, RewardFunc] = {
     "format": format_reward,
     "tag_count": tag_count,
     "reasoning_steps": reasoning_steps,
+    "step_accuracy": step_accuracy,
     "length": length,
     "cosine": cosine,
     "soft_overlong": soft_overlong,

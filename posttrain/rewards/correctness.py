@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from posttrain.rewards.columns import column, texts
-from posttrain.scoring import score
+from posttrain.scoring import score, think_text
+from posttrain.tasks import TASKS
+from posttrain.tasks.base import load_meta
 
-__all__ = ["accuracy", "correctness"]
+__all__ = ["accuracy", "correctness", "step_accuracy"]
 
 
 def correctness(completions: Sequence[Any], columns: dict[str, Any],
@@ -51,3 +53,29 @@ def accuracy(completions: Sequence[Any], *, last_number: bool = False,
     """
     return [None if ok is None else float(ok)
             for ok in correctness(completions, columns, last_number)]
+
+
+def step_accuracy(completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """Share of the reasoning's steps that are right, by the row's task (`step_score`: the
+    columns of a sum, all or nothing for a task that checks its trace whole); None for a row
+    without a synthetic task or whose task cannot check its steps.
+
+    Partial credit where the answer reward is flat: when every sample of a group gets the
+    answer wrong, GRPO learns nothing from `accuracy` on that prompt, but the samples still
+    differ in how many columns they worked right. The rejection stage's `check_steps`, as a
+    reward; rule-based like the rest (no learned process reward model).
+    """
+    out: list[float | None] = []
+    for i, text in enumerate(texts(completions)):
+        task, meta = column(columns, "task", i), column(columns, "meta", i)
+        if task not in TASKS or meta is None:
+            out.append(None)
+            continue
+        trace = think_text(text)
+        try:
+            out.append(0.0 if trace is None else TASKS[task].step_score(trace, load_meta(meta)))
+        except NotImplementedError:
+            out.append(None)
+        except (ValueError, TypeError, KeyError):  # a malformed `meta` row: skip the sample
+            out.append(None)
+    return out

@@ -92,33 +92,30 @@ class Arithmetic(Task):
         return int(text) == int(meta["answer"])
 
     def check_trace(self, trace: str, meta: dict[str, Any]) -> bool:
-        a, b = meta["a"], meta["b"]
-        if meta.get("style") == "words":
-            steps = [(int(x), int(y), int(c or 0), int(s), int(c_out))
-                     for x, y, c, s, c_out in _WORD_STEP.findall(trace)]
-            return len(steps) == len(a) and _steps_right(steps, a, b)
-        parts = [p for p in trace.strip().split("|")]
-        if len(parts) != len(a):
-            return False
-        carry = 0
-        for part, da, db in zip(parts, reversed(a), reversed(b)):
-            m = _STEP.match(part)
-            if not m:
-                return False
-            x, y, c, s, c_out = (int(g) for g in m.groups())
-            if (x, y, c) != (int(da), int(db), carry):
-                return False
-            if s != x + y + c or c_out != s // 10:
-                return False
-            carry = c_out
-        return True
+        return _worked_columns(trace, meta) == _columns(meta["a"], meta["b"])
+
+    def step_score(self, trace: str, meta: dict[str, Any]) -> float:
+        """Share of the columns worked right, matched in order from the ones (a missing or extra
+        column counts as a wrong one)."""
+        worked, right = _worked_columns(trace, meta), _columns(meta["a"], meta["b"])
+        return sum(w == r for w, r in zip(worked, right)) / max(len(worked), len(right))
 
 
-def _steps_right(steps: list[tuple[int, ...]], a: str, b: str) -> bool:
-    """Each (digit, digit, carry in, sum, carry out) step right, column by column."""
-    carry = 0
-    for (x, y, c, s, c_out), da, db in zip(steps, reversed(a), reversed(b)):
-        if (x, y, c) != (int(da), int(db), carry) or s != x + y + c or c_out != s // 10:
-            return False
-        carry = c_out
-    return True
+def _columns(a: str, b: str) -> list[tuple[int, ...]]:
+    """Each column's right (digit, digit, carry in, sum, carry out), from the ones."""
+    out, carry = [], 0
+    for da, db in zip(reversed(a), reversed(b)):
+        s = int(da) + int(db) + carry
+        out.append((int(da), int(db), carry, s, s // 10))
+        carry = s // 10
+    return out
+
+
+def _worked_columns(trace: str, meta: dict[str, Any]) -> list[tuple[int, ...] | None]:
+    """The columns a trace works, in its order, as `_columns` spells them (None: a step that
+    does not parse)."""
+    if meta.get("style") == "words":
+        return [(int(x), int(y), int(c or 0), int(s), int(c_out))
+                for x, y, c, s, c_out in _WORD_STEP.findall(trace)]
+    return [tuple(int(g) for g in m.groups()) if (m := _STEP.match(part)) else None
+            for part in trace.strip().split("|")]

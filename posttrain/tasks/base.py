@@ -48,7 +48,8 @@ def split_of(key: str, test_fraction: float = 0.2) -> str:
 
 
 class Task:
-    """Base class: subclasses implement `sample`, `check_answer` and `check_trace`."""
+    """Base class: subclasses implement `sample`, `check_answer` and `check_trace` (and may refine
+    `step_score`)."""
 
     name: str = ""
 
@@ -62,6 +63,11 @@ class Task:
     def check_trace(self, trace: str, meta: dict[str, Any]) -> bool:
         """True if every step of the reasoning is right (stricter than the answer alone)."""
         raise NotImplementedError
+
+    def step_score(self, trace: str, meta: dict[str, Any]) -> float:
+        """How much of the reasoning is right, in [0, 1]: partial credit where a task can count
+        its steps (arithmetic: columns), else all or nothing by `check_trace`."""
+        return float(self.check_trace(trace, meta))
 
     def generate(self, split: str, n: int, seed: int = 0, max_misses: int = 10_000,
                  **difficulty: Any) -> list[Example]:
