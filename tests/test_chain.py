@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.demo import CHAIN, available, run_chain
+from posttrain.demo import CHAIN, available, run_chain, upstream
 from posttrain.manifest import Manifest
 from posttrain.recipe import TrainingFields, read_yaml
 from posttrain.stages import stage_module
@@ -118,3 +118,28 @@ def test_whole_chain(tiny_run, tmp_path, engines_at_train_start):
     ended = {n: m.stage(n)["ended"] for n in names}
     assert run_chain("chain", chain, overrides, suite=str(suite)) == names
     assert {n: Manifest("chain").stage(n)["ended"] for n in names} == ended
+
+
+@pytest.mark.slow
+def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp_path):
+    """`make demo`'s worker processes: par_b runs beside par_a, par_c waits for par_a."""
+    recipes = {}
+    for name, init in (("par_a", "base"), ("par_c", "par_a"), ("par_b", "base")):
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump({
+            "stage": "sft", "name": name, "init_from": init, "max_steps": 2, "save_steps": 1000,
+            "train_data": [{"task": "arithmetic", "n": 16, "digits": 1}], "eval_suite": None}))
+    chain = [("sft", str(recipes[n])) for n in ("par_a", "par_c", "par_b")]
+    assert upstream(str(recipes["par_c"]), {"par_a", "par_b", "par_c"}) == {"par_a"}
+    assert upstream(str(recipes["par_b"]), {"par_a", "par_b", "par_c"}) == set()
+    m = Manifest("par")
+    m.data["stages"] = {"base": Manifest(tiny_run).stage("base")}
+    m.save()
+
+    assert run_chain("par", chain, jobs=2) == ["par_a", "par_c", "par_b"]
+    stages = Manifest("par").stages
+    assert all(stages[n]["status"] == "done" for n in ("par_a", "par_b", "par_c"))
+    assert stages["par_c"]["started"] >= stages["par_a"]["ended"]  # it read par_a's model
+    assert stages["par_b"]["started"] < stages["par_a"]["ended"]  # it ran beside par_a
+    assert stages["par_c"]["plan"]["refs"]["init"]["stage"] == "par_a"
+    assert "train_runtime" in (Manifest("par").run_dir / "logs" / "par_b.log").read_text()
