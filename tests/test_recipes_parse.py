@@ -45,6 +45,8 @@ def test_recipe_parses_and_builds_its_trainer_config(path: Path, monkeypatch, tm
         for key, value in recipe.trainer.items():  # the recipe's own keys reach the config
             if key != "bf16":
                 assert getattr(args, key) == value or isinstance(value, (list, dict)), key
+        # Recomputing activations is the recipe's choice (TRL's default is on, ours off).
+        assert args.gradient_checkpointing is recipe.trainer.get("gradient_checkpointing", False)
 
 
 CPU_REAL = "smollm2-135m"  # a real pretrained model sized for CPU (bench/real_model.py)
