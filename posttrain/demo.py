@@ -120,24 +120,25 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     logs = Manifest(run).run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cores = int(os.environ.get("POSTTRAIN_THREADS", 0)) or os.cpu_count() or 1
-    threads = max(1, cores // jobs)
     pending = list(zip(names, chain))
     running: dict[Future, tuple[str, float]] = {}
     done: set[str] = set()
     failure: BaseException | None = None
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                             initializer=_worker_init) as pool:
         while pending or running:
-            for item in list(pending):
+            ready = [item for item in pending if needs[item[0]] <= done]
+            share = thread_share(cores, jobs, len(running), len(ready))
+            for item in ready:
                 name, (kind, recipe) = item
                 if failure is not None or len(running) >= jobs:
                     break
-                if needs[name] <= done:
-                    pending.remove(item)
-                    log = logs / f"{name}.log"
-                    running[pool.submit(_run_logged, kind, recipe, run, overrides.get(recipe),
-                                        force, str(log))] = (name, time.time())
-                    print(f"[demo] {name} ({recipe}) started; log: {log}", file=sys.stderr)
+                pending.remove(item)
+                log = logs / f"{name}.log"
+                running[pool.submit(_run_logged, kind, recipe, run, overrides.get(recipe),
+                                    force, str(log), share)] = (name, time.time())
+                print(f"[demo] {name} ({recipe}) started on {share} thread(s); log: {log}",
+                      file=sys.stderr)
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -161,18 +162,27 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     return names
 
 
-def _worker_init(threads: int) -> None:
-    """A worker's share of the cores, set before torch is imported."""
-    os.environ["POSTTRAIN_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
+def thread_share(cores: int, jobs: int, running: int, ready: int) -> int:
+    """Threads for a stage starting now: every core when nothing runs or waits beside it, else an
+    equal share of `jobs`. Nothing can become ready while a stage runs alone (only a finished
+    stage readies others), so the cores are never oversubscribed."""
+    return max(1, cores // max(1, min(jobs, running + ready)))
+
+
+def _worker_init() -> None:
+    """One OpenMP thread until a stage sets its share (`run_stage` reads $POSTTRAIN_THREADS)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     from posttrain import runtime
     runtime.quiet()
 
 
 def _run_logged(kind: str, recipe: str, run: str, overrides: dict[str, str] | None, force: bool,
-                log: str) -> str:
-    """`run_stage` in a worker, its output (progress bars, libraries' prints) into `log`."""
+                log: str, threads: int) -> str:
+    """`run_stage` in a worker on `threads` threads, its output (progress bars, libraries'
+    prints) into `log`."""
     from posttrain.runner import run_stage
 
+    os.environ["POSTTRAIN_THREADS"] = str(threads)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.demo import CHAIN, available, run_chain, upstream
+from posttrain.demo import CHAIN, available, run_chain, thread_share, upstream
 from posttrain.manifest import Manifest
 from posttrain.recipe import TrainingFields, read_yaml
 from posttrain.stages import stage_module
@@ -143,3 +143,14 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
     assert stages["par_b"]["started"] < stages["par_a"]["ended"]  # it ran beside par_a
     assert stages["par_c"]["plan"]["refs"]["init"]["stage"] == "par_a"
     assert "train_runtime" in (Manifest("par").run_dir / "logs" / "par_b.log").read_text()
+
+
+@pytest.mark.parametrize("cores, jobs, running, ready, threads", [
+    (2, 2, 0, 1, 2),  # alone: every core
+    (2, 2, 0, 2, 1),  # two start together: one each
+    (2, 2, 1, 1, 1),  # beside a running stage: its share
+    (8, 2, 1, 3, 4),  # more ready than workers: the workers split the cores
+    (1, 2, 0, 2, 1),  # never below one
+])
+def test_thread_share(cores, jobs, running, ready, threads):
+    assert thread_share(cores, jobs, running, ready) == threads
