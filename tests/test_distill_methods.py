@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
+from posttrain.recipe import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
@@ -45,7 +46,9 @@ def test_each_method_builds_its_trl_config(overrides, config, settings):
     args = trainer_args(config, recipe.trainer_settings(), Path("/tmp/unused"), ())
     assert type(args).__name__ == config.rpartition(".")[2]
     assert {k: getattr(args, k) for k in settings} == settings
-    assert args.max_steps == 1000 and args.per_device_train_batch_size == 32  # the recipe's own
+    own = read_yaml("recipes/tiny/distill_qwen.yaml")  # the recipe's own values reach it too
+    assert args.max_steps == own["max_steps"]
+    assert args.per_device_train_batch_size == own["per_device_train_batch_size"]
 
 
 @pytest.mark.parametrize("overrides, message", [
