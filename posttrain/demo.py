@@ -118,7 +118,6 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     needs = {name: upstream(recipe, set(names), overrides.get(recipe))
              for name, (_, recipe) in zip(names, chain)}
     logs = Manifest(run).run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     cores = int(os.environ.get("POSTTRAIN_THREADS", 0)) or os.cpu_count() or 1
     pending = list(zip(names, chain))
     running: dict[Future, tuple[str, float]] = {}
@@ -134,6 +133,7 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
                 if failure is not None or len(running) >= jobs:
                     break
                 pending.remove(item)
+                logs.mkdir(parents=True, exist_ok=True)
                 log = logs / f"{name}.log"
                 running[pool.submit(_run_logged, kind, recipe, run, overrides.get(recipe),
                                     force, str(log), share)] = (name, time.time())
@@ -159,6 +159,9 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
                 print(f"[demo] {name} took {time.time() - t:.0f}s", file=sys.stderr)
     if failure is not None:
         raise failure
+    if pending:  # nothing failed, yet these never became ready: they read each other
+        raise UserError(f"{', '.join(n for n, _ in pending)}: each waits for a stage that waits "
+                        f"for it (init_from / teacher / stage data); the chain cannot be ordered")
     return names
 
 

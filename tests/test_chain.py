@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from posttrain.demo import CHAIN, available, run_chain, thread_share, upstream
+from posttrain.errors import UserError
 from posttrain.manifest import Manifest
 from posttrain.recipe import TrainingFields, read_yaml
 from posttrain.stages import stage_module
@@ -154,3 +155,15 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
 ])
 def test_thread_share(cores, jobs, running, ready, threads):
     assert thread_share(cores, jobs, running, ready) == threads
+
+
+def test_parallel_chain_refuses_stages_that_wait_for_each_other(runs_root, tmp_path):
+    chain = []
+    for name, init in (("cyc_a", "cyc_b"), ("cyc_b", "cyc_a")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"stage": "sft", "name": name, "init_from": init,
+                                        "train_data": [{"task": "arithmetic", "n": 8}]}))
+        chain.append(("sft", str(path)))
+    with pytest.raises(UserError, match="cyc_a, cyc_b: each waits for a stage that waits for it"):
+        run_chain("cycle", chain, jobs=2)
+    assert not Manifest("cycle").run_dir.exists()  # nothing started, nothing written
