@@ -3,8 +3,8 @@
 Stages run through the same code path as `posttrain <stage>`; a stage already done with the same
 recipe is skipped, so rerunning `make demo` after a crash resumes where it stopped. With `--jobs N`
 (default: 2 where there are 2 cores) the stages whose inputs are ready run side by side, one worker
-process each sharing the cores: the tiny models' small matrix products gain ~1.2x from a second
-thread but twice that from a second stage.
+process each sharing the cores: a second thread speeds a tiny model's step only ~1.2x, so two
+stages on one thread each get more done than one stage on two.
 """
 
 from __future__ import annotations
