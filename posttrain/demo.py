@@ -49,18 +49,22 @@ def available(chain: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list
     return ok, notes
 
 
+def _values(recipe: str, overrides: dict[str, str] | None) -> dict:
+    """A recipe file's top-level values with the chain's overrides for it applied."""
+    from posttrain.recipe import read_yaml
+    return {**read_yaml(recipe), **(overrides or {})}
+
+
 def stage_name(recipe: str, overrides: dict[str, str] | None = None) -> str:
     """The name a chain entry's stage gets in the manifest (its recipe's `name`, else its kind)."""
-    from posttrain.recipe import read_yaml
-    data = {**read_yaml(recipe), **(overrides or {})}
+    data = _values(recipe, overrides)
     return str(data.get("name") or data["stage"])
 
 
 def upstream(recipe: str, chain_names: set[str], overrides: dict[str, str] | None = None) -> set[str]:
     """The chain's stages a recipe reads — its `init_from`, `teacher` or `student`, and any
     `{stage: NAME}` data source: it starts only when they are done."""
-    from posttrain.recipe import read_yaml
-    data = {**read_yaml(recipe), **(overrides or {})}
+    data = _values(recipe, overrides)
     refs = {data.get(key) for key in ("init_from", "teacher", "student")}
     for key in ("train_data", "prompt_data"):
         sources = data.get(key)

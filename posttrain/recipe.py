@@ -204,7 +204,7 @@ class TrainingFields:
 
 # Our defaults for every stage's TRL config (a stage's TRAINER_DEFAULTS and the recipe override).
 # Gradient checkpointing is off unless a recipe turns it on, as in transformers (TRL turns it on):
-# recomputing activations costs one more forward a step (17% of a tiny model's SFT step here),
+# recomputing activations costs one more forward a step (150 tiny base steps: 35.3 s -> 29.3 s),
 # worth paying only where activations do not fit; the full-size recipes turn it on.
 TRAINER_BASE: dict[str, Any] = dict(
     report_to="none", logging_steps=5, save_strategy="steps", save_steps=50, save_total_limit=2,

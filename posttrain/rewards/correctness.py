@@ -74,8 +74,6 @@ def step_accuracy(completions: Sequence[Any], **columns: Any) -> list[float | No
         trace = think_text(text)
         try:
             out.append(0.0 if trace is None else TASKS[task].step_score(trace, load_meta(meta)))
-        except NotImplementedError:
-            out.append(None)
-        except (ValueError, TypeError, KeyError):  # a malformed `meta` row: skip the sample
-            out.append(None)
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            out.append(None)  # a task without a step checker, or a malformed `meta` row
     return out
