@@ -7,14 +7,16 @@ pass@1 is the mean over each prompt's samples, with its standard error over prom
 gain over the previous one also gets the standard error of the per-prompt difference (the same
 prompts are scored at every stage).
 
-The GRPO step is timed with each generation backend on the same batch: the first GRPO steps
-from the SFT model with vLLM generating (the main run) and with HF `generate` (a short second
-run, same seed, prompts and settings); a step's time is read off the stage's logs (`elapsed_s`),
-its first step (warm-up) left out.
+The GRPO step is timed with each generation backend on equal work: two short runs from the SFT
+model, one with vLLM generating and one with HF `generate`, same seed, prompts and settings, and
+dynamic sampling off in both (the recipe's `mask` trains on the informative groups only, which
+would make a step's work depend on its samples); a step's time is read off the stage's logs
+(`elapsed_s`), its first step (warm-up: engine start, the first sync) left out.
 
-Run: `python bench/real_model.py [--grpo_steps 16] [--threads 2]` (`make real`).
+Run: `python bench/real_model.py [--grpo_steps N] [--threads 2]` (`make real`).
 Last line: `{"task", "base", "sft", "grpo" (each {task: {pass@1, pass@1_se, format_rate}} for the
-trained task and gsm8k), "gains", "grpo_step_s_vllm", "grpo_step_s_hf", "step_ratio", "minutes"}`.
+trained task and gsm8k), "gains", "grpo_steps", "grpo_step_s_vllm", "grpo_step_s_hf",
+"step_ratio", "minutes"}`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench._heldout import bench_workspace  # noqa: E402
 
 SUITE = "eval/smollm2.yaml"
+RECIPE = "recipes/smollm2-135m/grpo.yaml"
 TASK = "arithmetic"
 
 
@@ -71,8 +74,8 @@ def figures(results: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft_steps", type=int, default=12)
-    ap.add_argument("--grpo_steps", type=int, default=16)
-    ap.add_argument("--hf_steps", type=int, default=3, help="steps of the HF-generation run")
+    ap.add_argument("--grpo_steps", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--time_steps", type=int, default=3, help="steps of each timing run")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     start = time.time()
@@ -95,46 +98,50 @@ def main() -> None:
     sft = Manifest(run).stage("sft")["eval"]["smollm2"]
     print(f"[bench] sft + eval {time.time() - t:.0f}s: {figures(sft)}", file=sys.stderr)
     t = time.time()
-    run_stage("grpo", "recipes/smollm2-135m/grpo.yaml", run, {"max_steps": str(args.grpo_steps)})
-    grpo = Manifest(run).stage("grpo")["eval"]["smollm2"]
+    steps = {"max_steps": str(args.grpo_steps)} if args.grpo_steps else {}
+    run_stage("grpo", RECIPE, run, steps)
+    grpo_entry = Manifest(run).stage("grpo")
+    grpo = grpo_entry["eval"]["smollm2"]
+    grpo_steps = grpo_entry["plan"]["trainer"]["max_steps"]
     print(f"[bench] grpo (vLLM) + eval {time.time() - t:.0f}s: {figures(grpo)}", file=sys.stderr)
-    t = time.time()
-    run_stage("grpo", "recipes/smollm2-135m/grpo.yaml", run,
-              {"name": "grpo_hf", "use_vllm": "false", "max_steps": str(args.hf_steps),
-               "eval_suite": "null"}, eval_after=False)
-    print(f"[bench] grpo (HF) {time.time() - t:.0f}s", file=sys.stderr)
+    timing = {}
+    for backend, use_vllm in (("vllm", "true"), ("hf", "false")):
+        t = time.time()
+        run_stage("grpo", RECIPE, run, {
+            "name": f"grpo_time_{backend}", "use_vllm": use_vllm, "dynamic_sampling": "false",
+            "max_steps": str(args.time_steps), "save_steps": "1000", "eval_suite": "null"},
+            eval_after=False)
+        print(f"[bench] grpo timing ({backend}) {time.time() - t:.0f}s", file=sys.stderr)
+        timing[backend] = step_seconds(
+            Manifest(run).run_dir / f"grpo_time_{backend}" / "logs.jsonl", skip=1)
+    (vllm_s, vllm_len), (hf_s, hf_len) = timing["vllm"], timing["hf"]
+    batch = grpo_entry["plan"]["trainer"]["per_device_train_batch_size"]
 
     run_dir = Manifest(run).run_dir
-    vllm_s, vllm_len = step_seconds(run_dir / "grpo" / "logs.jsonl", skip=1)
-    hf_s, hf_len = step_seconds(run_dir / "grpo_hf" / "logs.jsonl", skip=1)
-    # The vLLM run's comparable steps: the same steps the HF run took (from the same SFT model).
-    recs = [json.loads(line) for line in (run_dir / "grpo" / "logs.jsonl").read_text().splitlines()]
-    times = {r["step"]: r["elapsed_s"] for r in recs if "elapsed_s" in r and "reward" in r}
-    if 1 in times and args.hf_steps in times:
-        vllm_s = (times[args.hf_steps] - times[1]) / (args.hf_steps - 1)
     gains = {}
     for name, (a, b) in {"sft": (base_label, "sft"), "grpo": ("sft", "grpo")}.items():
         for task in (TASK, "gsm8k"):
             g, se = paired(per_prompt(run_dir, a, task), per_prompt(run_dir, b, task))
             gains.setdefault(name, {})[task] = {"gain": round(g, 4), "se": round(se, 4)}
 
-    rows = [("base", base), ("sft", sft), ("grpo", grpo)]
+    rows = [("base", base), ("sft", sft), (f"grpo ({grpo_steps} steps)", grpo)]
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1) on 2-digit sums in words ({TASK}) and GSM8K, "
           f"pass@1 ± se ({base[TASK]['n_samples']} samples per prompt)")
-    print(f"{'stage':<8}{'task':<12}{'pass@1':>8}{'±se':>8}{'format':>8}{'gain':>9}{'±se':>8}")
+    print(f"{'stage':<18}{'task':<12}{'pass@1':>8}{'±se':>8}{'format':>8}{'gain':>9}{'±se':>8}")
     for name, res in rows:
         for task in (TASK, "gsm8k"):
-            g = gains.get(name, {}).get(task)
-            print(f"{name:<8}{task:<12}{res[task]['pass@1']:>8.3f}{res[task]['pass@1_se']:>8.3f}"
+            g = gains.get(name.split()[0], {}).get(task)
+            print(f"{name:<18}{task:<12}{res[task]['pass@1']:>8.3f}{res[task]['pass@1_se']:>8.3f}"
                   f"{res[task]['format_rate']:>8.3f}"
                   + (f"{g['gain']:>+9.3f}{g['se']:>8.3f}" if g else ""))
-    print(f"GRPO step (steps 2-{args.hf_steps}, 16 completions): vLLM {vllm_s:.1f}s "
+    print(f"GRPO step (steps 2-{args.time_steps}, {batch} completions, all trained): "
+          f"vLLM {vllm_s:.1f}s "
           f"(mean length {vllm_len:.1f}), HF generate {hf_s:.1f}s (mean length {hf_len:.1f}); "
           f"ratio {vllm_s / hf_s:.2f}")
     minutes = (time.time() - start) / 60
     print(f"total {minutes:.1f} min (work dir {work})")
     print(json.dumps({"task": TASK, "base": figures(base), "sft": figures(sft),
-                      "grpo": figures(grpo), "gains": gains,
+                      "grpo": figures(grpo), "gains": gains, "grpo_steps": grpo_steps,
                       "grpo_step_s_vllm": round(vllm_s, 2), "grpo_step_s_hf": round(hf_s, 2),
                       "step_ratio": round(vllm_s / hf_s, 3), "minutes": round(minutes, 1)}))
 

@@ -168,16 +168,45 @@ def test_refill_fills_the_batch_with_informative_groups(grpo_trainer):
 
 
 def test_mask_mode_shrinks_the_batch_instead(grpo_trainer):
+    """`mask` trains on the 2 informative groups alone, and their token-level loss is the one the
+    full batch with the flat groups masked out would give."""
     data = grpo_trainer.train_dataset
     rows = [data[i] for i in (0, 1, 8, 9) for _ in range(4)]
     grpo_trainer.model.train()
     grpo_trainer.dynamic_mode = "mask"
+    torch.manual_seed(0)
     try:
         out = grpo_trainer._generate_and_score_completions(rows)
     finally:
         grpo_trainer.dynamic_mode = "refill"
-    assert out["completion_mask"][:8].sum() == 0 and bool((out["completion_mask"][8:].sum(1) > 0).all())
-    assert grpo_trainer._metrics["train"]["dynamic_sampling/generated_frac"][-1] == 1.0
+    assert out["advantages"].numel() == 8 and bool(informative_groups(out["advantages"], 4).all())
+    assert bool((out["completion_mask"].sum(1) > 0).all())
+    assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
+    metrics = grpo_trainer._metrics["train"]
+    assert metrics["dynamic_sampling/generated_frac"][-1] == 1.0
+    assert metrics["dynamic_sampling/trained_frac"][-1] == 0.5
+    # The flat groups back in, masked out: the same loss.
+    padded = {}
+    for key, value in out.items():
+        if key == "num_items_in_batch":
+            padded[key] = value
+            continue
+        filler = value[:1].expand(8, *value.shape[1:])
+        padded[key] = torch.cat([filler * 0 if key == "completion_mask" else filler, value])
+    assert _loss(grpo_trainer, padded, loss_type="dapo") == pytest.approx(
+        _loss(grpo_trainer, out, loss_type="dapo"), rel=1e-5)
+
+
+@pytest.mark.parametrize("informative, slices, want", [
+    ([1, 1, 0, 0, 1, 1, 0, 0], 1, [1, 1, 0, 0, 1, 1, 0, 0]),
+    ([1, 1, 0, 0, 1, 1, 0, 0], 8, [1] * 8),                  # TRL's 8 slices need 8 rows
+    ([0, 0, 0, 0, 0, 0, 0, 0], 1, [1, 1, 0, 0, 0, 0, 0, 0]),  # nothing informative: one group
+    ([0, 0, 1, 1, 0, 0, 0, 0], 4, [1, 1, 1, 1, 0, 0, 0, 0]),
+])
+def test_mask_mode_rows(informative, slices, want):
+    from posttrain.stages.dynamic_sampling import trained_rows
+    rows = trained_rows(torch.tensor(informative, dtype=torch.bool), 2, slices)
+    assert rows.int().tolist() == want
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ through here, so they share the backend choice, the progress bar, the seed and t
 
 - backend `"hf"`: transformers `generate`, works for every model on any device.
 - backend `"vllm"`: vLLM's offline engine (`posttrain.rollout.vllm_backend`, the one module that
-  imports vLLM). Where vLLM cannot run the model (not installed; the tiny MLA teacher), it says
+  builds one). Where vLLM cannot run the model (not installed; the tiny MLA teacher), it says
   why and falls back to HF.
 - backend `"auto"`: vLLM on a GPU where it can run the model, else HF. On CPU, HF: vLLM's 25-40 s
   engine start costs more than the tiny models' whole generation.

@@ -12,7 +12,12 @@ Two modes:
   generate and score them, keep their informative groups, until the batch has its configured
   number of informative groups or `max_sampling_rounds` generations ran. If the rounds run out,
   the remaining places hold the first round's uninformative groups, masked out of the loss.
-- `mask`: no extra generation; uninformative groups are masked out and the batch shrinks.
+- `mask`: no extra generation; uninformative groups leave the batch, so the step's forward and
+  backward passes run on the informative groups alone (plus a few masked rows where TRL's split
+  into `steps_per_generation` slices needs a multiple). With a token-level loss (`dapo`, `bnpo`)
+  the gradient is the one masking them would give, at a fraction of the compute: about half a
+  SmolLM2 batch was uninformative. Per-sequence losses (`grpo`, `dr_grpo`) average over the
+  informative completions only, as DAPO's batch of informative groups has them.
 
 Under several processes (`accelerate launch`) each process judges and refills its own groups (the
 stage's preflight makes sure no group is split across processes), and the processes agree on the
@@ -20,8 +25,9 @@ number of rounds: generation is collective in TRL, so a round runs while any pro
 places to fill, and a process already full discards that round's samples.
 
 Logged per step: `dynamic_sampling/rounds`, `kept_frac` (informative share of the step's own
-generation), `informative_frac` (of the batch the optimizer sees) and `generated_frac`
-(completions generated / the batch's size: the extra generation refill costs).
+generation), `informative_frac` (of the batch the optimizer sees), `generated_frac`
+(completions generated / the batch's size: the extra generation refill costs) and `trained_frac`
+(rows trained on / the batch's size: what `mask` saves).
 """
 
 from __future__ import annotations
@@ -57,6 +63,18 @@ def informative_groups(advantages: torch.Tensor, num_generations: int) -> torch.
     groups = advantages.view(-1, num_generations)
     keep = (groups.amax(dim=1) - groups.amin(dim=1)) > 1e-6
     return keep.repeat_interleave(num_generations)
+
+
+def trained_rows(keep: torch.Tensor, num_generations: int, slices: int) -> torch.Tensor:
+    """The rows `mask` mode trains on: the informative ones, topped up with the first
+    uninformative ones (masked out of the loss) to at least one group and to a multiple of
+    `slices` — TRL splits a generation batch into that many equal slices, dropping a remainder.
+    """
+    rows = keep.clone()
+    want = -(-max(int(keep.sum()), num_generations) // slices) * slices
+    filler = (~keep).nonzero().squeeze(1)[:want - int(keep.sum())]
+    rows[filler] = True
+    return rows
 
 
 def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
@@ -141,6 +159,9 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
             keep = torch.arange(have + filler["advantages"].numel()) < have
             out = {k: v[:size] for k, v in merged.items()}
             keep = keep[:size].to(out["advantages"].device)
+        else:
+            rows = trained_rows(keep, g, self.args.steps_per_generation)
+            out, keep = select_rows(out, rows), keep[rows]
         out["completion_mask"] = out["completion_mask"] * keep.unsqueeze(1).to(out["completion_mask"].dtype)
         if "tool_mask" in out:
             out["tool_mask"] = out["tool_mask"] * keep.unsqueeze(1).to(out["tool_mask"].dtype)
@@ -151,4 +172,5 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         metrics["dynamic_sampling/informative_frac"].append(keep.float().mean().item())
         metrics["dynamic_sampling/rounds"].append(float(rounds))
         metrics["dynamic_sampling/generated_frac"].append(generated / size)
+        metrics["dynamic_sampling/trained_frac"].append(keep.numel() / size)
         return out

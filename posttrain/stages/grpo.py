@@ -32,12 +32,20 @@ from posttrain.stages.objectives import GRPO_CONFIG, OBJECTIVES, config_class, t
 from posttrain.stages.objectives import objective as find_objective
 from posttrain.stages.sampling import PromptFields
 from posttrain.stages.training import load_trainable, run_training
-from posttrain.stages.vllm_sync import RolloutCheck, colocated_engine, use_reload_sync
+from posttrain.stages.vllm_sync import (
+    RolloutCheck,
+    colocated_engine,
+    on_policy_every_step,
+    use_reload_sync,
+)
 from posttrain.tools import PythonTool, StepClock, ToolLimits, check_tools
 
 DYNAMIC_SAMPLING = ("refill", "mask")
 # Mean |log p| gap between vLLM's sampled tokens and the trainer's above which a GRPO stage stops.
 ROLLOUT_LOGPROB_GAP = 0.5
+# Gap below which a colocated, every-step-synced sampler counts as the policy itself: float32 on
+# both sides measured ~2e-6 here; bf16 kernels on GPUs differ by more, and keep the correction.
+DROP_IS_CORRECTION_BELOW = 1e-3
 
 
 @dataclasses.dataclass
@@ -60,6 +68,10 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
         rollout_logprob_gap: With vLLM generating, stop the stage when the mean gap between
             vLLM's and the trainer's log-probs of the sampled tokens exceeds this
             (posttrain.stages.vllm_sync); null: no check.
+        drop_is_correction_below: With vLLM colocated and synced every step, turn TRL's
+            importance-sampling correction off once that gap is below this (then vLLM samples
+            the policy itself, and the correction's extra forward pass buys nothing); the
+            stage's record gives the step. Null: keep it on (and the check) at every step.
         tools: Tools the policy may call mid-rollout (`[python]`: posttrain.tools), through
             TRL's tool loop; tool results carry no loss (TRL's `tool_mask`).
         max_tool_calls: Tool calls per rollout (later ones are answered that the budget is
@@ -74,6 +86,7 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
     max_sampling_rounds: int = 4
     overlong_shaping: bool | None = None
     rollout_logprob_gap: float | None = ROLLOUT_LOGPROB_GAP
+    drop_is_correction_below: float | None = DROP_IS_CORRECTION_BELOW
     tools: list[str] = dataclasses.field(default_factory=list)
     max_tool_calls: int = 4
 
@@ -110,7 +123,7 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
             raise UserError("rollout_logprob_gap: the check reads the log-prob gap TRL measures "
                             "with vllm_importance_sampling_correction: true; turn that on, or "
                             "set rollout_logprob_gap: null")
-        positive(self, "rollout_logprob_gap", "max_tool_calls")
+        positive(self, "rollout_logprob_gap", "drop_is_correction_below", "max_tool_calls")
         check_tools(self.tools)
         if "max_tool_calling_iterations" in self.trainer:
             raise UserError("max_tool_calling_iterations: set max_tool_calls (calls per rollout)")
@@ -237,9 +250,12 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
         clock = StepClock(limits.step_seconds)
         extra["environment_factory"] = functools.partial(PythonTool, limits, clock)
 
+    check = RolloutCheck(recipe.rollout_logprob_gap, recipe.drop_is_correction_below)
+
     def build(model, callbacks):
-        if ctx.plan.args.use_vllm and recipe.rollout_logprob_gap is not None:
-            callbacks = [RolloutCheck(recipe.rollout_logprob_gap), *callbacks]
+        if ctx.plan.args.use_vllm and (recipe.rollout_logprob_gap is not None
+                                       or recipe.drop_is_correction_below is not None):
+            callbacks = [check, *callbacks]
         if recipe.tools:
             callbacks = [ToolClock(clock), *callbacks]
         with colocated_engine(model, ctx.plan.args.use_vllm):
@@ -247,6 +263,8 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
                           train_dataset=train, processing_class=tokenizer,
                           peft_config=lora_config(recipe), callbacks=callbacks, **extra)
         use_reload_sync(trainer)  # vLLM takes new weights through its reload path
+        if on_policy_every_step(trainer):
+            check.trainer = trainer
         return trainer
 
     trainer, out = run_training(recipe, ctx, load_trainable(ctx.init_path, recipe), tokenizer,
@@ -256,4 +274,5 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
     return {"train_loss": out.training_loss, "train_prompts": len(train),
             "reward_first": history[0]["reward"] if history else None,
             "reward_last": history[-1]["reward"] if history else None,
-            "budget": trainer_budget(trainer, out, ctx.log_path)}
+            "budget": trainer_budget(trainer, out, ctx.log_path),
+            "is_correction_off_from_step": check.dropped_at}

@@ -16,7 +16,8 @@ FSDP / ZeRO-3 shards gathered as TRL does. Each sync's seconds are logged (`vllm
 "auto" dtype downcasts a float32 checkpoint to bfloat16, and on CPU, where posttrain trains in
 float32, that alone puts a 0.1 log-prob gap between sampler and trainer; and vLLM's CPU graph
 compilation costs minutes per start. `colocated_engine` makes the engine TRL builds run in the
-trainer's dtype and, on CPU, eagerly (on a GPU the trainer's bf16 is what "auto" picks anyway).
+trainer's dtype and, on CPU, eagerly (on a GPU the trainer's bf16 is what "auto" picks anyway),
+with top-p that does not sort the vocabulary (posttrain.rollout.vllm_top_p).
 
 **Rollout check.** With vLLM generating, TRL measures the mean gap between the log-probs vLLM
 reported for its sampled tokens and the trainer's for the same tokens
@@ -38,6 +39,7 @@ from transformers import TrainerCallback
 
 from posttrain import runtime
 from posttrain.errors import UserError
+from posttrain.rollout import vllm_top_p
 
 GAP_METRIC = "sampling/sampling_logp_difference/mean"
 
@@ -53,6 +55,7 @@ def colocated_engine(model: Any, use_vllm: bool) -> Iterator[None]:
     from trl.generation import vllm_generation
 
     runtime.vllm_cpu_env(os.environ)
+    vllm_top_p.install()
     real = vllm_generation.LLM
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") \
         if hasattr(model, "parameters") else "float32"
@@ -122,17 +125,47 @@ def checkpoint_weights(gen: Any, model: Any) -> Iterator[tuple[str, Any]]:
 
 class RolloutCheck(TrainerCallback):
     """Stop training when vLLM's sampled-token log-probs and the trainer's differ by more than
-    `max_gap` on average (read from TRL's logged gap, at every logging step)."""
+    `max_gap` on average (read from TRL's logged gap, at every logging step that has it).
 
-    def __init__(self, max_gap: float):
+    With `drop_below` and a `trainer` whose colocated engine takes the weights every step, the
+    first gap below `drop_below` switches TRL's importance-sampling correction off for the rest
+    of the stage: the sampler then is the policy being trained, and the correction's forward
+    pass over every completion (~15% of a SmolLM2 GRPO step on CPU) buys nothing. No gap is
+    measured after that; `dropped_at` records the step."""
+
+    def __init__(self, max_gap: float | None, drop_below: float | None = None):
         self.max_gap = max_gap
+        self.drop_below = drop_below
+        self.trainer: Any = None
+        self.dropped_at: int | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         gap = (logs or {}).get(GAP_METRIC)
-        if gap is not None and gap > self.max_gap:
+        if gap is None:
+            return
+        if self.max_gap is not None and gap > self.max_gap:
             raise UserError(
                 f"step {state.global_step}: vLLM's log-probs for its sampled tokens differ from "
                 f"the trainer's by {gap:.3f} on average (rollout_logprob_gap: {self.max_gap}); "
                 f"likely causes: stale weights in vLLM (the weight sync), a dtype mismatch "
                 f"between vLLM and the trainer, or sampling settings one side does not apply "
                 f"(top_k, min_p, repetition_penalty)")
+        if (self.trainer is not None and self.drop_below is not None and gap < self.drop_below
+                and self.dropped_at is None):
+            self.trainer.vllm_importance_sampling_correction = False
+            self.dropped_at = state.global_step
+            print(f"[grpo] step {state.global_step}: vLLM and the trainer agree (log-prob gap "
+                  f"{gap:.1e} < {self.drop_below:g}); importance-sampling correction off from here",
+                  flush=True)
+
+
+def on_policy_every_step(trainer: Any) -> bool:
+    """True when each generation is sampled by the weights it trains, synced just before: a
+    colocated engine on the reload sync, one optimizer step per generation, and no loss that
+    reads the importance ratios (VESPO, an off-policy mask)."""
+    args = trainer.args
+    return (getattr(getattr(trainer, "vllm_generation", None), "mode", None) == "colocate"
+            and args.num_iterations == 1
+            and args.steps_per_generation == args.gradient_accumulation_steps
+            and args.loss_type != "vespo"
+            and getattr(args, "off_policy_mask_threshold", None) is None)
