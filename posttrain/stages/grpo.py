@@ -262,8 +262,8 @@ def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:
             trainer = cls(model=model, reward_funcs=reward_funcs, args=ctx.plan.args,
                           train_dataset=train, processing_class=tokenizer,
                           peft_config=lora_config(recipe), callbacks=callbacks, **extra)
-        use_reload_sync(trainer)  # vLLM takes new weights through its reload path
-        if on_policy_every_step(trainer):
+        # vLLM takes new weights through its reload path, every step.
+        if use_reload_sync(trainer) and on_policy_every_step(trainer.args):
             check.trainer = trainer
         return trainer
 

@@ -159,13 +159,11 @@ class RolloutCheck(TrainerCallback):
                   flush=True)
 
 
-def on_policy_every_step(trainer: Any) -> bool:
-    """True when each generation is sampled by the weights it trains, synced just before: a
-    colocated engine on the reload sync, one optimizer step per generation, and no loss that
+def on_policy_every_step(args: Any) -> bool:
+    """With a colocated engine on the reload sync (`use_reload_sync`): True when each generation
+    is sampled by the weights it trains — one optimizer step per generation, and no loss that
     reads the importance ratios (VESPO, an off-policy mask)."""
-    args = trainer.args
-    return (getattr(getattr(trainer, "vllm_generation", None), "mode", None) == "colocate"
-            and args.num_iterations == 1
+    return (args.num_iterations == 1
             and args.steps_per_generation == args.gradient_accumulation_steps
             and args.loss_type != "vespo"
             and getattr(args, "off_policy_mask_threshold", None) is None)
