@@ -3,13 +3,15 @@
 Stages run through the same code path as `posttrain <stage>`; a stage already done with the same
 recipe is skipped, so rerunning `make demo` after a crash resumes where it stopped. With `--jobs N`
 (default: 2 where there are 2 cores) the stages whose inputs are ready run side by side, one worker
-process each sharing the cores: a second thread speeds a tiny model's step only ~1.2x, so two
-stages on one thread each get more done than one stage on two.
+process each sharing the cores (two stages on one thread each get more done than one on two), a
+job left running alone takes up the freed cores, and each stage's eval is a job of its own that
+waits for a free worker, so the next stage starts as soon as the model is saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -83,13 +85,12 @@ def run_chain(run: str, chain: list[tuple[str, str]],
     one. Returns the stage names, in chain order."""
     from posttrain.evaluate import run_eval
     from posttrain.manifest import Manifest
-    from posttrain.recipe import read_yaml
     from posttrain.report import write_report
     from posttrain.runner import run_stage
 
     overrides = overrides or {}
     if jobs > 1:
-        names = run_parallel(run, chain, overrides, force, jobs)
+        names = run_parallel(run, chain, overrides, force, jobs, suite)
     else:
         names = []
         for kind, recipe in chain:
@@ -101,21 +102,33 @@ def run_chain(run: str, chain: list[tuple[str, str]],
     # stage that ran without (e.g. `--no-eval`), so the table has no holes.
     m = Manifest(run)
     for name in names:
-        suite_path = suite or m.recipe(name).get("eval_suite")
-        is_model = m.stage(name)["output_kind"] == "model"  # a data stage has nothing to evaluate
-        if is_model and suite_path and read_yaml(suite_path).get("name", Path(suite_path).stem) \
-                not in (m.stage(name).get("eval") or {}):
+        suite_path = eval_due(m, name, suite)
+        if suite_path:
             run_eval(m, name, suite_path)
     write_report(run)
     return names
 
 
+def eval_due(m, name: str, suite: str | None) -> str | None:
+    """The suite a done stage still lacks figures for (`suite`, else its recipe's), or None: a
+    data stage has nothing to evaluate."""
+    from posttrain.recipe import read_yaml
+    suite_path = suite or m.recipe(name).get("eval_suite")
+    if m.stage(name)["output_kind"] != "model" or not suite_path:
+        return None
+    has = m.stage(name).get("eval") or {}
+    return None if read_yaml(suite_path).get("name", Path(suite_path).stem) in has else suite_path
+
+
 def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, dict[str, str]],
-                 force: bool, jobs: int) -> list[str]:
+                 force: bool, jobs: int, suite: str | None = None) -> list[str]:
     """Run `chain` in `jobs` worker processes: each entry starts once the entries it reads
-    (`upstream`) are done, earlier entries first; the cores are split between the workers. Each
-    stage's output goes to `runs/<run>/logs/<stage>.log`. A failed stage starts nothing new;
-    the stages running finish, then its error is raised here."""
+    (`upstream`) are done, earlier entries first; the cores are split between the workers, and a
+    stage left running alone takes them all up at its next step. A stage's eval is a job of its
+    own, queued when the stage is done and run when no stage is waiting, so the stages that read
+    a model start as soon as it is saved. Each stage's output, its eval's too, goes to
+    `runs/<run>/logs/<stage>.log`. A failed job starts nothing new; the jobs running finish,
+    then its error is raised here."""
     from posttrain.manifest import Manifest
 
     names = [stage_name(recipe, overrides.get(recipe)) for _, recipe in chain]
@@ -124,30 +137,44 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     logs = Manifest(run).run_dir / "logs"
     cores = int(os.environ.get("POSTTRAIN_THREADS", 0)) or os.cpu_count() or 1
     pending = list(zip(names, chain))
-    running: dict[Future, tuple[str, float]] = {}
+    evals: list[tuple[str, str]] = []  # (stage, suite): done stages still to evaluate
+    running: dict[Future, tuple[str, str, float]] = {}  # job label, stage, start time
     done: set[str] = set()
     failure: BaseException | None = None
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
                              initializer=_worker_init) as pool:
-        while pending or running:
+        while pending or evals or running:
             ready = [item for item in pending if needs[item[0]] <= done]
-            share = thread_share(cores, jobs, len(running), len(ready))
-            for item in ready:
-                name, (kind, recipe) = item
+            share = thread_share(cores, jobs, len(running), len(ready) + len(evals))
+            jobs_ready = [("stage", item) for item in ready] + [("eval", e) for e in evals]
+            for what, job in jobs_ready:
                 if failure is not None or len(running) >= jobs:
                     break
-                pending.remove(item)
                 logs.mkdir(parents=True, exist_ok=True)
-                log = logs / f"{name}.log"
-                running[pool.submit(_run_logged, kind, recipe, run, overrides.get(recipe),
-                                    force, str(log), share)] = (name, time.time())
-                print(f"[demo] {name} ({recipe}) started on {share} thread(s); log: {log}",
+                if what == "stage":
+                    pending.remove(job)
+                    name, (kind, recipe) = job
+                    label = name
+                    args = (_run_logged, kind, recipe, run, overrides.get(recipe), force)
+                else:
+                    evals.remove(job)
+                    name, suite_path = job
+                    label = f"{name} eval"
+                    args = (_eval_logged, run, name, suite_path)
+                log, share_path = logs / f"{name}.log", share_file(logs, label)
+                write_share(share_path, share)
+                running[pool.submit(*args, str(log), share, str(share_path))] = \
+                    (label, name, time.time())
+                print(f"[demo] {label} started on {share} thread(s); log: {log}",
                       file=sys.stderr)
             if not running:
                 break
+            for label, _, _ in running.values():  # a job left alone takes the freed cores
+                write_share(share_file(logs, label), max(1, cores // len(running)))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                name, t = running.pop(future)
+                label, name, t = running.pop(future)
+                share_file(logs, label).unlink(missing_ok=True)
                 try:
                     future.result()
                 except BaseException as e:  # noqa: BLE001 - re-raised once the others finish
@@ -156,11 +183,15 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
                     tail = log.read_text(errors="replace").splitlines()[-15:]
                     if not tail:  # refused before it started: nothing to keep
                         log.unlink()
-                    print("\n".join(tail + [f"[demo] {name} failed after "
+                    print("\n".join(tail + [f"[demo] {label} failed after "
                                              f"{time.time() - t:.0f}s"]), file=sys.stderr)
                     continue
-                done.add(name)
-                print(f"[demo] {name} took {time.time() - t:.0f}s", file=sys.stderr)
+                print(f"[demo] {label} took {time.time() - t:.0f}s", file=sys.stderr)
+                if label == name:
+                    done.add(name)
+                    suite_path = eval_due(Manifest(run), name, suite)
+                    if suite_path:
+                        evals.append((name, suite_path))
     if failure is not None:
         raise failure
     if pending:  # nothing failed, yet these never became ready: they read each other
@@ -176,6 +207,17 @@ def thread_share(cores: int, jobs: int, running: int, ready: int) -> int:
     return max(1, cores // max(1, min(jobs, running + ready)))
 
 
+def share_file(logs: Path, name: str) -> Path:
+    """Where a running stage reads its thread count (`runtime.follow_share`)."""
+    return logs / f".{name}.threads"
+
+
+def write_share(path: Path, threads: int) -> None:
+    """Write a stage's thread count, whole or not at all (the stage may read it at any time)."""
+    from posttrain import atomic
+    atomic.write_text(path, str(threads))
+
+
 def _worker_init() -> None:
     """One OpenMP thread until a stage sets its share (`run_stage` reads $POSTTRAIN_THREADS)."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -184,12 +226,39 @@ def _worker_init() -> None:
 
 
 def _run_logged(kind: str, recipe: str, run: str, overrides: dict[str, str] | None, force: bool,
-                log: str, threads: int) -> str:
-    """`run_stage` in a worker on `threads` threads, its output (progress bars, libraries'
-    prints) into `log`."""
+                log: str, threads: int, share: str) -> str:
+    """`run_stage`, without its eval (a job of its own), in a worker (`_logged`)."""
     from posttrain.runner import run_stage
 
+    with _logged(log, threads, share):
+        entry = run_stage(kind, recipe, run, overrides, force=force, eval_after=False)
+        return entry["plan"]["name"]
+
+
+def _eval_logged(run: str, name: str, suite: str, log: str, threads: int, share: str) -> None:
+    """A done stage's eval on `suite` in a worker (`_logged`), its table after the stage's log."""
+    from posttrain.evaluate import load_suite, run_eval
+    from posttrain.manifest import Manifest
+    from posttrain.rollout import release_engines
+    from posttrain.tables import eval_table
+
+    with _logged(log, threads, share):
+        try:
+            results = run_eval(Manifest(run), name, suite)
+        finally:
+            release_engines()  # the worker's next job trains on this memory
+        print(eval_table({name: {"eval": {load_suite(suite).name: results}}}))
+
+
+@contextlib.contextmanager
+def _logged(log: str, threads: int, share: str):
+    """A worker's job on `threads` threads, then on the count the scheduler writes to `share` as
+    jobs beside it end; its output (progress bars, libraries' prints) appended to `log`."""
+    from posttrain import runtime
+
     os.environ["POSTTRAIN_THREADS"] = str(threads)
+    os.environ[runtime.SHARE_FILE_ENV] = share
+    runtime.configure()  # a stage sets its own again (a recipe may name its count)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -197,7 +266,7 @@ def _run_logged(kind: str, recipe: str, run: str, overrides: dict[str, str] | No
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            return run_stage(kind, recipe, run, overrides, force=force)["plan"]["name"]
+            yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

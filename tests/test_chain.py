@@ -122,14 +122,18 @@ def test_whole_chain(tiny_run, tmp_path, engines_at_train_start):
 
 
 @pytest.mark.slow
-def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp_path):
-    """`make demo`'s worker processes: par_b runs beside par_a, par_c waits for par_a."""
+def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp_path, capfd):
+    """`make demo`'s worker processes: par_b runs beside par_a, par_c waits for par_a's model but
+    not for its eval, which waits for a free worker."""
+    suite = tmp_path / "chain.yaml"
+    suite.write_text(yaml.safe_dump({**SUITE, "tasks": SUITE["tasks"][:1]}))
     recipes = {}
     for name, init in (("par_a", "base"), ("par_c", "par_a"), ("par_b", "base")):
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump({
             "stage": "sft", "name": name, "init_from": init, "max_steps": 2, "save_steps": 1000,
-            "train_data": [{"task": "arithmetic", "n": 16, "digits": 1}], "eval_suite": None}))
+            "train_data": [{"task": "arithmetic", "n": 16, "digits": 1}],
+            "eval_suite": str(suite)}))
     chain = [("sft", str(recipes[n])) for n in ("par_a", "par_c", "par_b")]
     assert upstream(str(recipes["par_c"]), {"par_a", "par_b", "par_c"}) == {"par_a"}
     assert upstream(str(recipes["par_b"]), {"par_a", "par_b", "par_c"}) == set()
@@ -141,9 +145,19 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
     stages = Manifest("par").stages
     assert all(stages[n]["status"] == "done" for n in ("par_a", "par_b", "par_c"))
     assert stages["par_c"]["started"] >= stages["par_a"]["ended"]  # it read par_a's model
-    assert stages["par_b"]["started"] < stages["par_a"]["ended"]  # it ran beside par_a
     assert stages["par_c"]["plan"]["refs"]["init"]["stage"] == "par_a"
+    assert all("chain" in stages[n]["eval"] for n in ("par_a", "par_b", "par_c"))
+    err = capfd.readouterr().err
+    assert err.index("[demo] par_b started") < err.index("[demo] par_a took")  # beside par_a
+    assert err.index("[demo] par_c started") < err.index("[demo] par_a eval started")
+    assert "| par_a " in (Manifest("par").run_dir / "logs" / "par_a.log").read_text()
     assert "train_runtime" in (Manifest("par").run_dir / "logs" / "par_b.log").read_text()
+    assert not list((Manifest("par").run_dir / "logs").glob(".*.threads"))  # shares cleared
+    for name in ("par_a", "par_b", "par_c"):  # each step logs the threads it ran on
+        rows = [json.loads(line) for line in
+                (Manifest("par").run_dir / name / "logs.jsonl").read_text().splitlines()]
+        logged = [r for r in rows if "loss" in r or "train_runtime" in r]
+        assert logged and all(r.get("threads", 0) >= 1 for r in logged)
 
 
 @pytest.mark.parametrize("cores, jobs, running, ready, threads", [
@@ -155,6 +169,31 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
 ])
 def test_thread_share(cores, jobs, running, ready, threads):
     assert thread_share(cores, jobs, running, ready) == threads
+
+
+def test_a_stage_takes_up_the_thread_count_its_scheduler_writes(tmp_path, monkeypatch):
+    """`make demo` rewrites a running stage's share file when a stage beside it ends; the stage
+    takes it up at its next step. A recipe's own `threads` is never replaced."""
+    import torch
+
+    from posttrain import runtime
+    from posttrain.demo import write_share
+
+    before = torch.get_num_threads()
+    share = tmp_path / ".stage.threads"
+    monkeypatch.setenv(runtime.SHARE_FILE_ENV, str(share))
+    try:
+        runtime.follow_share()  # not written yet: nothing changes
+        assert torch.get_num_threads() == before
+        write_share(share, before + 1)
+        runtime.follow_share()
+        assert torch.get_num_threads() == before + 1
+        runtime.configure(before)  # the recipe's count: the share no longer applies
+        write_share(share, before + 2)
+        runtime.follow_share()
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_parallel_chain_refuses_stages_that_wait_for_each_other(runs_root, tmp_path):

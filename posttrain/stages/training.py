@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain import atomic
+from posttrain import atomic, runtime
 from posttrain.dist import is_main_process
 from posttrain.errors import UserError
 from posttrain.plan import StagePlan
@@ -81,6 +81,7 @@ def stage_callbacks(recipe, ctx: StageContext) -> list:
     if recipe.moe_balance is not None:  # before the logger: it adds to the logs
         from posttrain.moe_balance import BalanceConfig, MoEBalanceCallback
         callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
+    callbacks.append(FollowThreadShare())  # before the logger: it adds to the logs
     callbacks.append(JsonlLogger(ctx.log_path))
     callbacks.append(PlanCallback(ctx.plan))
     if recipe.max_train_seconds is not None:
@@ -92,6 +93,20 @@ def stage_callbacks(recipe, ctx: StageContext) -> list:
         from posttrain.ema import EMA_DIR, EMACallback, EMAConfig
         callbacks.append(EMACallback(EMAConfig.parse(recipe.ema), ctx.stage_dir / EMA_DIR))
     return callbacks
+
+
+class FollowThreadShare(TrainerCallback):
+    """Before each step, take up the cores a stage running beside this one left
+    (`runtime.follow_share`; a no-op outside a side-by-side scheduler); log the thread count,
+    since step times depend on it."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        runtime.follow_share()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import torch
+        if logs is not None:
+            logs["threads"] = torch.get_num_threads()
 
 
 class PlanCallback(TrainerCallback):
