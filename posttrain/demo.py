@@ -207,9 +207,10 @@ def thread_share(cores: int, jobs: int, running: int, ready: int) -> int:
     return max(1, cores // max(1, min(jobs, running + ready)))
 
 
-def share_file(logs: Path, name: str) -> Path:
-    """Where a running stage reads its thread count (`runtime.follow_share`)."""
-    return logs / f".{name}.threads"
+def share_file(logs: Path, label: str) -> Path:
+    """Where a running job (a stage, or "<stage> eval") reads its thread count
+    (`runtime.follow_share`)."""
+    return logs / f".{label.replace(' ', '-')}.threads"
 
 
 def write_share(path: Path, threads: int) -> None:
