@@ -104,6 +104,7 @@ def main() -> None:
     grpo = grpo_entry["eval"]["smollm2"]
     grpo_steps = grpo_entry["plan"]["trainer"]["max_steps"]
     print(f"[bench] grpo (vLLM) + eval {time.time() - t:.0f}s: {figures(grpo)}", file=sys.stderr)
+    run_dir = Manifest(run).run_dir
     timing = {}
     for backend, use_vllm in (("vllm", "true"), ("hf", "false")):
         t = time.time()
@@ -112,12 +113,10 @@ def main() -> None:
             "max_steps": str(args.time_steps), "save_steps": "1000", "eval_suite": "null"},
             eval_after=False)
         print(f"[bench] grpo timing ({backend}) {time.time() - t:.0f}s", file=sys.stderr)
-        timing[backend] = step_seconds(
-            Manifest(run).run_dir / f"grpo_time_{backend}" / "logs.jsonl", skip=1)
+        timing[backend] = step_seconds(run_dir / f"grpo_time_{backend}" / "logs.jsonl", skip=1)
     (vllm_s, vllm_len), (hf_s, hf_len) = timing["vllm"], timing["hf"]
     batch = grpo_entry["plan"]["trainer"]["per_device_train_batch_size"]
 
-    run_dir = Manifest(run).run_dir
     gains = {}
     for name, (a, b) in {"sft": (base_label, "sft"), "grpo": ("sft", "grpo")}.items():
         for task in (TASK, "gsm8k"):

@@ -161,15 +161,16 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
                     name, suite_path = job
                     label = f"{name} eval"
                     args = (_eval_logged, run, name, suite_path)
-                log, share_path = logs / f"{name}.log", share_file(logs, label)
-                write_share(share_path, share)
-                running[pool.submit(*args, str(log), share, str(share_path))] = \
+                log = logs / f"{name}.log"
+                running[pool.submit(*args, str(log), share, str(share_file(logs, label)))] = \
                     (label, name, time.time())
                 print(f"[demo] {label} started on {share} thread(s); log: {log}",
                       file=sys.stderr)
             if not running:
                 break
-            for label, _, _ in running.values():  # a job left alone takes the freed cores
+            # Every running job's share, the new ones' included: a job left alone takes the
+            # freed cores.
+            for label, _, _ in running.values():
                 write_share(share_file(logs, label), max(1, cores // len(running)))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
