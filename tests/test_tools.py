@@ -63,8 +63,10 @@ def test_an_escape_sent_as_a_tool_call_is_contained(name, program, tests, import
     assert PythonTool(LIMITS).python("print(2 + 2)") == "4\n"
 
 
+# Greedy rollouts (top_k 1): whether a rollout calls the tool is the trained policy's choice, not
+# a draw, so every step has calls on any machine where the cold start learned to call.
 TOOL_GRPO = {"max_steps": "2", "num_generations": "4", "per_device_train_batch_size": "8",
-             "save_steps": "1000", "eval_suite": "null", "logging_steps": "1"}
+             "save_steps": "1000", "eval_suite": "null", "logging_steps": "1", "top_k": "1"}
 
 
 @pytest.fixture
@@ -84,10 +86,12 @@ def loss_inputs(monkeypatch):
 
 @pytest.mark.slow
 def test_grpo_with_the_tool_masks_tool_results_out_of_the_loss(tool_run, loss_inputs):
-    """GRPO with `tools: [python]` through TRL's tool loop: rollouts call the sandboxed tool, the
-    per-step tool figures are logged, and the tool-result tokens carry no loss: TRL's loss over
-    the batch equals the loss with those tokens cut from the completion mask, and differs once
-    the tool mask is lifted."""
+    """GRPO with `tools: [python]` through TRL's tool loop: greedy rollouts of a cold start trained
+    on calls call the sandboxed tool at every step, the per-step tool figures are logged, and the
+    tool-result tokens carry no loss: TRL's loss over the batch equals the loss with those tokens
+    cut from the completion mask, and differs once the tool mask is lifted. Greedy groups are
+    identical (zero advantages), so the loss is compared under set advantages that grow along the
+    completion (TRL takes per-token ones): which tokens count moves the loss, whatever was scored."""
     import torch
 
     from posttrain.manifest import Manifest
@@ -112,6 +116,8 @@ def test_grpo_with_the_tool_masks_tool_results_out_of_the_loss(tool_run, loss_in
     ids, mask = inputs["completion_ids"][row], inputs["completion_mask"][row]
     masked = tok.decode(ids[(inputs["tool_mask"][row] == 0) & (mask == 1)])
     assert masked.startswith("<|tool|>") and masked.endswith("<|assistant|>")  # the result turn
+    positions = torch.arange(1, ids.shape[0] + 1, dtype=torch.float32)
+    inputs = {**inputs, "advantages": positions.expand(inputs["completion_ids"].shape)}
     with torch.no_grad():
         as_run = trainer._compute_loss(trainer.model, inputs)
         cut = {**inputs, "completion_mask": inputs["completion_mask"] * inputs["tool_mask"],
