@@ -136,7 +136,7 @@ def run_stage(kind: str, recipe_path: str, run: str, overrides: dict[str, str] |
     dist.shutdown()  # every rank has trained; rank 0 alone writes and evaluates from here
     if not main_process:
         return {}
-    manifest.finish(name, metrics)
+    manifest.finish(name, {**ctx.metrics, **metrics})
     if eval_after and recipe.eval_suite:
         from posttrain.evaluate import load_suite, run_eval
         from posttrain.rollout import release_engines

@@ -1,5 +1,7 @@
-"""EMA in CPU memory (posttrain.ema): the saved EMA is the closed-form EMA of the weight
-trajectory of a real Trainer run; config errors are one line; a stage saves it under model/ema."""
+"""EMA in CPU memory (posttrain.ema): the saved EMA is the EMA computed directly over the
+folded snapshots of a real Trainer run's weights (the closed form when none was skipped); a fold
+slower than the steps skips snapshots and keeps the time constant; config errors are one line;
+a stage saves it under model/ema and records its figures in the manifest."""
 
 from __future__ import annotations
 
@@ -62,40 +64,126 @@ def _tiny_llama():
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_ema_equals_closed_form_of_trajectory(tmp_path, every):
+def _train_with_ema(tmp_path, ema, steps: int, extra_callbacks=()):
+    """A real Trainer run of the tiny Llama with `ema`; the weight trajectory it took."""
     import datasets
-    from safetensors.torch import load_file
     from transformers import Trainer, TrainingArguments
 
-    steps, decay = 6, 0.7
     model = _tiny_llama()
     ids = torch.randint(0, 32, (24, 12), generator=torch.Generator().manual_seed(0))
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     traj = _Trajectory()
-    ema = EMACallback(EMAConfig(decay, every), tmp_path / "ema")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, learning_rate=0.05,
                              per_device_train_batch_size=4, report_to="none", use_cpu=True,
                              save_strategy="no", logging_strategy="no", disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=data,
-            callbacks=[traj.callback, ema]).train()
+            callbacks=[traj.callback, *extra_callbacks, ema]).train()
+    return traj
 
-    # ema_T = d^n θ_0 + Σ_j (1 − d) d^(n − j) θ_(j·every), n updates in all.
-    updates = [traj.steps[t] for t in range(every, steps + 1, every)]
-    n = len(updates)
-    assert ema.updates == n
-    saved = load_file(str(tmp_path / "ema" / "model.safetensors"))
+
+def _direct_ema(traj, folds, decay):
+    """The EMA computed directly over the folded snapshots: each fold of the weights at step t
+    standing for k due updates weighs them by 1 − decay**k."""
+    out = {}
     for name, theta0 in traj.steps[0].items():
-        expected = decay ** n * theta0.double()
-        for j, theta in enumerate(updates, start=1):
-            expected += (1 - decay) * decay ** (n - j) * theta[name].double()
-        got = saved[name]
-        assert torch.allclose(got.double(), expected, atol=1e-6), name
-        assert not torch.allclose(got, traj.steps[-1][name], atol=1e-4), f"{name}: EMA = last"
+        avg = theta0.double()
+        for step, k in folds:
+            avg = decay ** k * avg + (1 - decay ** k) * traj.steps[step][name].double()
+        out[name] = avg
+    return out
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_ema_equals_closed_form_of_trajectory(tmp_path, every):
+    """Whatever the worker kept up with: every due update is folded once (a skip is made up by
+    the next fold's decay ** k), the last due step's weights are in, and the saved EMA equals the
+    direct computation over the folds; with no skip that is the closed form
+    d^n θ_0 + Σ_j (1 − d) d^(n − j) θ_(j·every)."""
+    from safetensors.torch import load_file
+
+    steps, decay = 6, 0.7
+    ema = EMACallback(EMAConfig(decay, every), tmp_path / "ema")
+    traj = _train_with_ema(tmp_path, ema, steps)
+
+    due = list(range(every, steps + 1, every))
+    assert sum(k for _, k in ema.folds) == len(due)
+    assert ema.folds[-1][0] == due[-1]
+    assert [s for s, _ in ema.folds] == sorted({s for s, _ in ema.folds})
+    assert ema.stats()["updates"] == len(ema.folds)
+    saved = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    expected = _direct_ema(traj, ema.folds, decay)
+    for name, want in expected.items():
+        assert torch.allclose(saved[name].double(), want, atol=1e-6), name
+        assert not torch.allclose(saved[name], traj.steps[-1][name], atol=1e-4), f"{name}: EMA = last"
+    if not ema.skipped:
+        n = len(due)
+        for name, theta0 in traj.steps[0].items():
+            closed = decay ** n * theta0.double()
+            for j, t in enumerate(due, start=1):
+                closed += (1 - decay) * decay ** (n - j) * traj.steps[t][name].double()
+            assert torch.allclose(expected[name], closed, atol=1e-9), name
     # The tied output head is saved with the same EMA as the embedding it shares.
     from transformers import AutoModelForCausalLM
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ema")
     assert torch.equal(loaded.lm_head.weight, saved["model.embed_tokens.weight"])
+
+
+def test_a_fold_slower_than_the_steps_skips_snapshots_and_keeps_the_time_constant(
+        tmp_path, monkeypatch):
+    """The first fold is held until the last step ends: the loop never waits for it, the
+    snapshots due meanwhile are skipped, and the next fold stands for them all (decay ** k), so
+    the saved EMA equals the direct computation over the two folds."""
+    import threading
+
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    import posttrain.ema as ema_module
+
+    steps, decay = 6, 0.7
+    release = threading.Event()
+    real_fold = ema_module.EMACallback._fold
+
+    def held_fold(self, buf, weight):
+        assert release.wait(60), "training never reached its last step"
+        real_fold(self, buf, weight)
+
+    monkeypatch.setattr(ema_module.EMACallback, "_fold", held_fold)
+
+    class ReleaseAtLastStep(TrainerCallback):  # runs before the EMA's own on_step_end
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == steps:
+                release.set()
+
+    ema = EMACallback(EMAConfig(decay, 1), tmp_path / "ema")
+    traj = _train_with_ema(tmp_path, ema, steps, [ReleaseAtLastStep()])
+
+    assert ema.folds[0] == (1, 1)
+    assert ema.skipped >= steps - 2           # steps 2..5 at least found the one buffer busy
+    assert sum(k for _, k in ema.folds) == steps and ema.folds[-1][0] == steps
+    stats = ema.stats()
+    assert stats["effective_interval"] == steps / len(ema.folds) > 1
+    saved = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    for name, want in _direct_ema(traj, ema.folds, decay).items():
+        assert torch.allclose(saved[name].double(), want, atol=1e-6), name
+
+
+def test_a_cpu_copy_is_finished_before_the_weights_change():
+    """The loop's optimizer step takes the pieces of a snapshot copy the worker has not: the
+    buffer then holds the weights of the step it was taken at, not of the next."""
+    from posttrain.ema import GRAIN, SharedWork
+
+    src = torch.arange(3 * GRAIN + 5, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    bounds = [(i, min(i + GRAIN, src.numel())) for i in range(0, src.numel(), GRAIN)]
+    work = SharedWork(len(bounds), lambda i: dst[bounds[i][0]:bounds[i][1]].copy_(
+        src[bounds[i][0]:bounds[i][1]]))
+    work.wait()  # no worker took any piece: the waiting thread does them all
+    src += 1     # the optimizer step
+    assert torch.equal(dst, src - 1)
+    failing = SharedWork(2, lambda i: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.wait()
 
 
 def test_stage_saves_ema_fp8_and_balance_outputs(tiny_run):
@@ -115,6 +203,9 @@ def test_stage_saves_ema_fp8_and_balance_outputs(tiny_run):
                        "warmup_steps": "0", "per_device_train_batch_size": "8"},
                       eval_after=False)
     assert entry["status"] == "done"
+    ema_figures = entry["metrics"]["ema"]  # every due update folded, some maybe as one fold
+    assert 1 <= ema_figures["updates"] <= 4 and ema_figures["every"] == 1
+    assert ema_figures["effective_interval"] == 4 / ema_figures["updates"]
     model_dir = Manifest(tiny_run).resolve("sft_backend")
     ema = AutoModelForCausalLM.from_pretrained(model_dir / "ema")
     final = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from posttrain.manifest import Manifest
 from posttrain.plan import StagePlan
@@ -17,11 +18,14 @@ class StageContext:
         plan: The stage's resolved plan (posttrain.plan).
         manifest: The run's manifest.
         resume: Resume from the last checkpoint of an unfinished attempt of the same plan.
+        metrics: Figures recorded by the code a stage's `main` calls (e.g. the EMA's updates),
+            written to the manifest with the ones `main` returns.
     """
 
     plan: StagePlan
     manifest: Manifest
     resume: bool = True
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run(self) -> str:

@@ -36,7 +36,8 @@ def run_training(recipe, ctx: StageContext, model, tokenizer,
     stage's callbacks (`stage_callbacks`), every cached generation engine released (a DPO pair
     sampler or a teacher's vLLM worker must not hold memory, or the GPU, while training), training
     resumed from the last complete checkpoint of an unfinished attempt, LoRA adapters merged,
-    and the model, tokenizer and plan saved to the stage's output dir.
+    and the model, tokenizer and plan saved to the stage's output dir. The EMA's figures go to
+    `ctx.metrics`.
     """
     from posttrain.rollout import release_engines
 
@@ -44,6 +45,10 @@ def run_training(recipe, ctx: StageContext, model, tokenizer,
     model = prepare_model(model, recipe)
     trainer = build_trainer(model, stage_callbacks(recipe, ctx))
     out = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    from posttrain.ema import EMACallback
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, EMACallback):  # its updates, skips and effective interval
+            ctx.metrics["ema"] = callback.stats()
     final = merge_lora(trainer.model, recipe) if isinstance(recipe, LoraFields) else trainer.model
     tokenizer.padding_side = "left"  # saved for generation
     save_final(final, tokenizer, ctx)
