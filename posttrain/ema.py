@@ -31,6 +31,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ class EMACallback(TrainerCallback):
     Attributes:
         folds: (optimizer step of the snapshot, updates it stands for) of every fold, in order.
         skipped: Snapshots not taken because the worker was still busy.
+        fold_seconds: Wall time of each snapshot in the worker, copy included.
     """
 
     def __init__(self, config: EMAConfig, out_dir: Path, slots: int | None = None,
@@ -153,6 +155,7 @@ class EMACallback(TrainerCallback):
         self.threads = threads    # fold threads (default: fold_threads)
         self.folds: list[tuple[int, int]] = []
         self.skipped = 0
+        self.fold_seconds: list[float] = []
         self.ema: dict[str, torch.Tensor] = {}
         self._params: dict[str, torch.nn.Parameter] = {}
         self._worker: threading.Thread | None = None
@@ -250,6 +253,7 @@ class EMACallback(TrainerCallback):
             if item is None:
                 return
             buf, copy, event, due, step = item
+            start = time.perf_counter()
             try:
                 if copy is not None:
                     copy.wait()
@@ -257,6 +261,7 @@ class EMACallback(TrainerCallback):
                     event.synchronize()
                 self._fold(buf, 1.0 - self.config.decay ** due)
                 self.folds.append((step, due))
+                self.fold_seconds.append(time.perf_counter() - start)
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
                 self._error = e
             finally:
