@@ -3,9 +3,14 @@
 Stages run through the same code path as `posttrain <stage>`; a stage already done with the same
 recipe is skipped, so rerunning `make demo` after a crash resumes where it stopped. With `--jobs N`
 (default: 2 where there are 2 cores) the stages whose inputs are ready run side by side, one worker
-process each sharing the cores (two stages on one thread each get more done than one on two), a
-job left running alone takes up the freed cores, and each stage's eval is a job of its own that
-waits for a free worker, so the next stage starts as soon as the model is saved.
+process each (two stages on one thread each get more done than one on two), and each stage's eval
+is a job of its own, so the next stage starts as soon as the model is saved.
+
+Each job's thread count is fixed by the chain, not by which job ended first: a stage of `ALONE`
+(the critical path, with nothing to run beside it) gets every core, any other job its share
+(cores / jobs), and a job starts only when its cores are free. On a CPU the last bits of a
+result depend on the thread count, so this is what makes two runs on one machine print the same
+table. `--seed N` gives every stage of the chain that seed (data, sampling, initialisation).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ CHAIN: list[tuple[str, str]] = [
     ("base", "recipes/tiny/student_base.yaml"),            # the student's own weak base
     ("grpo", "recipes/tiny/student_rl.yaml"),              # same student, RL only (R1 comparison)
 ]
+# Stages on the chain's critical path that nothing can run beside (each reads the one before,
+# and the side lanes have ended by then): they get every core.
+ALONE = frozenset({"sft", "grpo"})
 
 
 def available(chain: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -78,11 +86,13 @@ def upstream(recipe: str, chain_names: set[str], overrides: dict[str, str] | Non
 
 def run_chain(run: str, chain: list[tuple[str, str]],
               overrides: dict[str, dict[str, str]] | None = None, force: bool = False,
-              suite: str | None = None, jobs: int = 1) -> list[str]:
+              suite: str | None = None, jobs: int = 1, alone: frozenset[str] = frozenset()
+              ) -> list[str]:
     """Run `chain`, then make sure every done stage has `suite` figures, then write the report.
     `overrides` maps a recipe path to its `--key value` overrides. With `jobs` > 1 stages run in
-    that many worker processes as their inputs allow (`run_parallel`), else in order in this
-    one. Returns the stage names, in chain order."""
+    that many worker processes as their inputs allow (`run_parallel`; the stages named in
+    `alone` on every core), else in order in this one. Returns the stage names, in chain
+    order."""
     from posttrain.evaluate import run_eval
     from posttrain.manifest import Manifest
     from posttrain.report import write_report
@@ -90,7 +100,7 @@ def run_chain(run: str, chain: list[tuple[str, str]],
 
     overrides = overrides or {}
     if jobs > 1:
-        names = run_parallel(run, chain, overrides, force, jobs, suite)
+        names = run_parallel(run, chain, overrides, force, jobs, suite, alone)
     else:
         names = []
         for kind, recipe in chain:
@@ -121,14 +131,16 @@ def eval_due(m, name: str, suite: str | None) -> str | None:
 
 
 def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, dict[str, str]],
-                 force: bool, jobs: int, suite: str | None = None) -> list[str]:
+                 force: bool, jobs: int, suite: str | None = None,
+                 alone: frozenset[str] = frozenset()) -> list[str]:
     """Run `chain` in `jobs` worker processes: each entry starts once the entries it reads
-    (`upstream`) are done, earlier entries first; the cores are split between the workers, and a
-    stage left running alone takes them all up at its next step. A stage's eval is a job of its
-    own, queued when the stage is done and run when no stage is waiting, so the stages that read
-    a model start as soon as it is saved. Each stage's output, its eval's too, goes to
-    `runs/<run>/logs/<stage>.log`. A failed job starts nothing new; the jobs running finish,
-    then its error is raised here."""
+    (`upstream`) are done and a worker is free, in chain order, on `job_threads` threads; a
+    stage named in `alone` starts when nothing runs and runs with nothing beside it (a job that
+    must wait holds back the ones after it, so such a stage is not starved).
+    A stage's eval is a job of its own, queued when the stage is done behind the stages ready
+    then, so the stages that read a model start as soon as it is saved. Each stage's output, its
+    eval's too, goes to `runs/<run>/logs/<stage>.log`. A failed job starts nothing new; the jobs
+    running finish, then its error is raised here."""
     from posttrain.manifest import Manifest
 
     names = [stage_name(recipe, overrides.get(recipe)) for _, recipe in chain]
@@ -138,18 +150,19 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     cores = int(os.environ.get("POSTTRAIN_THREADS", 0)) or os.cpu_count() or 1
     pending = list(zip(names, chain))
     evals: list[tuple[str, str]] = []  # (stage, suite): done stages still to evaluate
-    running: dict[Future, tuple[str, str, float]] = {}  # job label, stage, start time
+    running: dict[Future, tuple[str, str, float, bool]] = {}  # label, stage, start, alone
     done: set[str] = set()
     failure: BaseException | None = None
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
                              initializer=_worker_init) as pool:
         while pending or evals or running:
-            ready = [item for item in pending if needs[item[0]] <= done]
-            share = thread_share(cores, jobs, len(running), len(ready) + len(evals))
-            jobs_ready = [("stage", item) for item in ready] + [("eval", e) for e in evals]
-            for what, job in jobs_ready:
-                if failure is not None or len(running) >= jobs:
+            ready = [("stage", item) for item in pending if needs[item[0]] <= done]
+            for what, job in ready + [("eval", e) for e in evals]:
+                by_itself = what == "stage" and job[0] in alone
+                if failure is not None or len(running) >= jobs \
+                        or any(a for *_, a in running.values()) or (by_itself and running):
                     break
+                threads = job_threads(cores, jobs, by_itself)
                 logs.mkdir(parents=True, exist_ok=True)
                 if what == "stage":
                     pending.remove(job)
@@ -162,20 +175,15 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
                     label = f"{name} eval"
                     args = (_eval_logged, run, name, suite_path)
                 log = logs / f"{name}.log"
-                running[pool.submit(*args, str(log), share, str(share_file(logs, label)))] = \
-                    (label, name, time.time())
-                print(f"[demo] {label} started on {share} thread(s); log: {log}",
+                running[pool.submit(*args, str(log), threads)] = (label, name, time.time(),
+                                                                  by_itself)
+                print(f"[demo] {label} started on {threads} thread(s); log: {log}",
                       file=sys.stderr)
             if not running:
                 break
-            # Every running job's share, the new ones' included: a job left alone takes the
-            # freed cores.
-            for label, _, _ in running.values():
-                write_share(share_file(logs, label), max(1, cores // len(running)))
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                label, name, t = running.pop(future)
-                share_file(logs, label).unlink(missing_ok=True)
+                label, name, t, _ = running.pop(future)
                 try:
                     future.result()
                 except BaseException as e:  # noqa: BLE001 - re-raised once the others finish
@@ -201,23 +209,10 @@ def run_parallel(run: str, chain: list[tuple[str, str]], overrides: dict[str, di
     return names
 
 
-def thread_share(cores: int, jobs: int, running: int, ready: int) -> int:
-    """Threads for a stage starting now: every core when nothing runs or waits beside it, else an
-    equal share of `jobs`. Nothing can become ready while a stage runs alone (only a finished
-    stage readies others), so the cores are never oversubscribed."""
-    return max(1, cores // max(1, min(jobs, running + ready)))
-
-
-def share_file(logs: Path, label: str) -> Path:
-    """Where a running job (a stage, or "<stage> eval") reads its thread count
-    (`runtime.follow_share`)."""
-    return logs / f".{label.replace(' ', '-')}.threads"
-
-
-def write_share(path: Path, threads: int) -> None:
-    """Write a stage's thread count, whole or not at all (the stage may read it at any time)."""
-    from posttrain import atomic
-    atomic.write_text(path, str(threads))
+def job_threads(cores: int, jobs: int, alone: bool) -> int:
+    """A job's thread count, fixed whatever runs beside it: every core for a stage that runs
+    alone, else an equal share of `jobs`; never below one."""
+    return cores if alone else max(1, cores // jobs)
 
 
 def _worker_init() -> None:
@@ -228,23 +223,23 @@ def _worker_init() -> None:
 
 
 def _run_logged(kind: str, recipe: str, run: str, overrides: dict[str, str] | None, force: bool,
-                log: str, threads: int, share: str) -> str:
+                log: str, threads: int) -> str:
     """`run_stage`, without its eval (a job of its own), in a worker (`_logged`)."""
     from posttrain.runner import run_stage
 
-    with _logged(log, threads, share):
+    with _logged(log, threads):
         entry = run_stage(kind, recipe, run, overrides, force=force, eval_after=False)
         return entry["plan"]["name"]
 
 
-def _eval_logged(run: str, name: str, suite: str, log: str, threads: int, share: str) -> None:
+def _eval_logged(run: str, name: str, suite: str, log: str, threads: int) -> None:
     """A done stage's eval on `suite` in a worker (`_logged`), its table after the stage's log."""
     from posttrain.evaluate import load_suite, run_eval
     from posttrain.manifest import Manifest
     from posttrain.rollout import release_engines
     from posttrain.tables import eval_table
 
-    with _logged(log, threads, share):
+    with _logged(log, threads):
         try:
             results = run_eval(Manifest(run), name, suite)
         finally:
@@ -253,13 +248,12 @@ def _eval_logged(run: str, name: str, suite: str, log: str, threads: int, share:
 
 
 @contextlib.contextmanager
-def _logged(log: str, threads: int, share: str):
-    """A worker's job on `threads` threads, then on the count the scheduler writes to `share` as
-    jobs beside it end; its output (progress bars, libraries' prints) appended to `log`."""
+def _logged(log: str, threads: int):
+    """A worker's job on `threads` threads, its output (progress bars, libraries' prints)
+    appended to `log`."""
     from posttrain import runtime
 
     os.environ["POSTTRAIN_THREADS"] = str(threads)
-    os.environ[runtime.SHARE_FILE_ENV] = share
     runtime.configure()  # a stage sets its own again (a recipe may name its count)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -284,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="stages run side by side, sharing the cores (default: 2, or 1 on one core)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed of every stage (data, sampling, initialisation; default: each "
+                        "recipe's own)")
     args = p.parse_args(argv)
     from posttrain import runtime
     from posttrain.manifest import Manifest
@@ -294,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"[demo] skipping {note}", file=sys.stderr)
     try:
-        names = run_chain(args.run, chain, force=args.force, jobs=max(1, args.jobs))
+        overrides = {recipe: {"seed": str(args.seed)} for _, recipe in chain} \
+            if args.seed is not None else None
+        names = run_chain(args.run, chain, overrides, force=args.force, jobs=max(1, args.jobs),
+                          alone=ALONE)
     except UserError as e:
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2

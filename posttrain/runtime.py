@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
-from pathlib import Path
-
-# A file holding this process's thread count, rewritten by a scheduler that runs stages side by
-# side (`make demo`): when a stage beside this one ends, its cores go to the ones still running.
-SHARE_FILE_ENV = "POSTTRAIN_THREADS_FILE"
 
 
 def configure(threads: int | None = None) -> int:
-    """Set torch's intra-op threads (and one inter-op thread); returns the count used. A recipe's
-    own count (`threads`) is kept for the whole stage: no scheduler's share replaces it."""
+    """Set torch's intra-op threads (and one inter-op thread); returns the count used."""
     import torch
 
-    if threads:
-        os.environ.pop(SHARE_FILE_ENV, None)
     n = threads or int(os.environ.get("POSTTRAIN_THREADS", 0)) or min(os.cpu_count() or 1, 8)
     torch.set_num_threads(n)
     try:
@@ -29,22 +21,6 @@ def configure(threads: int | None = None) -> int:
     except RuntimeError:  # already set once in this process
         pass
     return n
-
-
-def follow_share() -> None:
-    """Take up the thread count the scheduler last wrote for this process, if any. Called where
-    work is cut into steps (a training step, a generation batch) and on the thread that runs
-    them: OpenMP keeps the thread count per calling thread."""
-    path = os.environ.get(SHARE_FILE_ENV)
-    if not path:
-        return
-    try:
-        n = int(Path(path).read_text())
-    except (OSError, ValueError):  # not written yet, or half written: the next call reads it
-        return
-    import torch
-    if n > 0 and n != torch.get_num_threads():
-        torch.set_num_threads(n)
 
 
 def vllm_cpu_env(env: MutableMapping[str, str]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.demo import CHAIN, available, run_chain, thread_share, upstream
+from posttrain.demo import ALONE, CHAIN, available, job_threads, run_chain, stage_name, upstream
 from posttrain.errors import UserError
 from posttrain.manifest import Manifest
 from posttrain.recipe import TrainingFields, read_yaml
@@ -123,8 +123,11 @@ def test_whole_chain(tiny_run, tmp_path, engines_at_train_start):
 
 @pytest.mark.slow
 def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp_path, capfd):
-    """`make demo`'s worker processes: par_b runs beside par_a, par_c waits for par_a's model but
-    not for its eval, which waits for a free worker."""
+    """`make demo`'s worker processes: par_b runs beside par_a; par_c, which runs alone, waits
+    for par_a's model and for par_b to end, but not for par_a's eval, which waits behind it.
+    Each job's thread count is the schedule's, whatever ended first."""
+    import os
+
     suite = tmp_path / "chain.yaml"
     suite.write_text(yaml.safe_dump({**SUITE, "tasks": SUITE["tasks"][:1]}))
     recipes = {}
@@ -141,7 +144,8 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
     m.data["stages"] = {"base": Manifest(tiny_run).stage("base")}
     m.save()
 
-    assert run_chain("par", chain, jobs=2) == ["par_a", "par_c", "par_b"]
+    assert run_chain("par", chain, jobs=2, alone=frozenset({"par_c"})) == \
+        ["par_a", "par_c", "par_b"]
     stages = Manifest("par").stages
     assert all(stages[n]["status"] == "done" for n in ("par_a", "par_b", "par_c"))
     assert stages["par_c"]["started"] >= stages["par_a"]["ended"]  # it read par_a's model
@@ -149,51 +153,38 @@ def test_parallel_chain_starts_each_stage_once_its_inputs_are_done(tiny_run, tmp
     assert all("chain" in stages[n]["eval"] for n in ("par_a", "par_b", "par_c"))
     err = capfd.readouterr().err
     assert err.index("[demo] par_b started") < err.index("[demo] par_a took")  # beside par_a
+    assert err.index("[demo] par_c started") > err.index("[demo] par_b took")  # alone
     assert err.index("[demo] par_c started") < err.index("[demo] par_a eval started")
+    cores = int(os.environ.get("POSTTRAIN_THREADS", 0)) or os.cpu_count()
+    assert f"[demo] par_c started on {cores} thread(s)" in err
+    assert f"[demo] par_a started on {job_threads(cores, 2, False)} thread(s)" in err
     assert "| par_a " in (Manifest("par").run_dir / "logs" / "par_a.log").read_text()
     assert "train_runtime" in (Manifest("par").run_dir / "logs" / "par_b.log").read_text()
-    assert not list((Manifest("par").run_dir / "logs").glob(".*.threads"))  # shares cleared
     for name in ("par_a", "par_b", "par_c"):  # each step logs the threads it ran on
         rows = [json.loads(line) for line in
                 (Manifest("par").run_dir / name / "logs.jsonl").read_text().splitlines()]
         logged = [r for r in rows if "loss" in r or "train_runtime" in r]
-        assert logged and all(r.get("threads", 0) >= 1 for r in logged)
+        threads = job_threads(cores, 2, name == "par_c")
+        assert logged and all(r["threads"] == threads for r in logged), name
 
 
-@pytest.mark.parametrize("cores, jobs, running, ready, threads", [
-    (2, 2, 0, 1, 2),  # alone: every core
-    (2, 2, 0, 2, 1),  # two start together: one each
-    (2, 2, 1, 1, 1),  # beside a running stage: its share
-    (8, 2, 1, 3, 4),  # more ready than workers: the workers split the cores
-    (1, 2, 0, 2, 1),  # never below one
+@pytest.mark.parametrize("cores, jobs, alone, threads", [
+    (2, 2, True, 2),    # alone: every core
+    (2, 2, False, 1),   # beside another: its share
+    (8, 2, False, 4),
+    (1, 2, False, 1),   # never below one
 ])
-def test_thread_share(cores, jobs, running, ready, threads):
-    assert thread_share(cores, jobs, running, ready) == threads
+def test_job_threads(cores, jobs, alone, threads):
+    assert job_threads(cores, jobs, alone) == threads
 
 
-def test_a_stage_takes_up_the_thread_count_its_scheduler_writes(tmp_path, monkeypatch):
-    """`make demo` rewrites a running stage's share file when a stage beside it ends; the stage
-    takes it up at its next step. A recipe's own `threads` is never replaced."""
-    import torch
-
-    from posttrain import runtime
-    from posttrain.demo import write_share
-
-    before = torch.get_num_threads()
-    share = tmp_path / ".stage.threads"
-    monkeypatch.setenv(runtime.SHARE_FILE_ENV, str(share))
-    try:
-        runtime.follow_share()  # not written yet: nothing changes
-        assert torch.get_num_threads() == before
-        write_share(share, before + 1)
-        runtime.follow_share()
-        assert torch.get_num_threads() == before + 1
-        runtime.configure(before)  # the recipe's count: the share no longer applies
-        write_share(share, before + 2)
-        runtime.follow_share()
-        assert torch.get_num_threads() == before
-    finally:
-        torch.set_num_threads(before)
+def test_the_demo_runs_alone_only_stages_that_read_the_stage_before():
+    """An ALONE stage waits for every other job to end: worth it only on the chain's critical
+    path, where each stage reads the one before."""
+    names = {stage_name(r): r for _, r in CHAIN}
+    assert ALONE <= set(names)
+    for name in ALONE:
+        assert upstream(names[name], set(names)) & (ALONE | {"base"}), name
 
 
 def test_parallel_chain_refuses_stages_that_wait_for_each_other(runs_root, tmp_path):

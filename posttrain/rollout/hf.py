@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from posttrain import runtime
 from posttrain.rollout.types import Completion, Sampling
 
 # The last model loaded from a path, so an eval suite's tasks do not reload it.
@@ -101,7 +100,6 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
         for b, start in enumerate(range(0, len(order), per_batch)):
             if b % world != rank:
                 continue
-            runtime.follow_share()
             torch.manual_seed(sampling.seed * 1_000_003 + b)
             idx = order[start:start + per_batch]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
@@ -146,7 +144,6 @@ def generate_ids(model, tokenizer, id_lists: list[list[int]], sampling: Sampling
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for b, start in enumerate(range(0, len(order), per_batch)):
-            runtime.follow_share()
             torch.manual_seed(seed * 1_000_003 + b)
             idx = order[start:start + per_batch]
             width = max(len(id_lists[i]) for i in idx)

@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain import atomic, runtime
+from posttrain import atomic
 from posttrain.dist import is_main_process
 from posttrain.errors import UserError
 from posttrain.plan import StagePlan
@@ -86,7 +86,7 @@ def stage_callbacks(recipe, ctx: StageContext) -> list:
     if recipe.moe_balance is not None:  # before the logger: it adds to the logs
         from posttrain.moe_balance import BalanceConfig, MoEBalanceCallback
         callbacks.append(MoEBalanceCallback(BalanceConfig.parse(recipe.moe_balance), ctx.stage_dir))
-    callbacks.append(FollowThreadShare())  # before the logger: it adds to the logs
+    callbacks.append(LogThreads())  # before the logger: it adds to the logs
     callbacks.append(JsonlLogger(ctx.log_path))
     callbacks.append(PlanCallback(ctx.plan))
     if recipe.max_train_seconds is not None:
@@ -100,13 +100,9 @@ def stage_callbacks(recipe, ctx: StageContext) -> list:
     return callbacks
 
 
-class FollowThreadShare(TrainerCallback):
-    """Before each step, take up the cores a stage running beside this one left
-    (`runtime.follow_share`; a no-op outside a side-by-side scheduler); log the thread count,
-    since step times depend on it."""
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        runtime.follow_share()
+class LogThreads(TrainerCallback):
+    """Log torch's thread count with every record: step times, and on a CPU the last bits of
+    the figures, depend on it."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import torch
