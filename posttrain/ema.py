@@ -123,10 +123,14 @@ class SharedWork:
 
 
 def fold_threads(on_gpu: bool) -> int:
-    """Threads for the fold: every core but the loop's beside a GPU loop (its CPU threads idle);
-    one beside a CPU loop, which keeps its cores."""
+    """Threads for the fold: beside a GPU loop, every core of this process's share of the node
+    (its cores over the processes launched on it) but the loop's; beside a CPU loop, which keeps
+    its cores, one."""
+    if not on_gpu:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1) if on_gpu else 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (cores or 1) // max(1, local_processes) - 1)
 
 
 def lowest_priority() -> None:

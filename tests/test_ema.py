@@ -220,3 +220,18 @@ def test_stage_saves_ema_fp8_and_balance_outputs(tiny_run):
     assert all(0 < loss < 10 for loss in losses) and "moe_max_mean_load" in logs[0]
     bias = final.model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.abs().sum() > 0                     # the balance update reached the checkpoint
+
+
+@pytest.mark.parametrize("on_gpu, cores, local_processes, threads", [
+    (False, 16, 1, 1),   # beside a CPU loop: one core, whatever the machine
+    (True, 16, 1, 15),   # beside a GPU loop: all but the loop's
+    (True, 16, 8, 1),    # eight ranks on the node: each its share, less its loop
+    (True, 64, 8, 7),
+])
+def test_fold_threads(monkeypatch, on_gpu, cores, local_processes, threads):
+    import os
+
+    from posttrain.ema import fold_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    assert fold_threads(on_gpu) == threads
