@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 STAGES := base sft grpo rejection dpo
-.PHONY: install test test-fast demo eval status report bench real gpu-check lint clean distill $(STAGES)
+.PHONY: install test test-fast demo demo-seeds eval status report bench real gpu-check lint clean distill $(STAGES)
 
 # Idempotent: re-installs only when pyproject.toml or this file changed since the last install.
 # Where CUDA is present (nvidia-smi lists a GPU, or GPU=1) the GPU set is installed: the CUDA
@@ -62,6 +62,10 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m posttrain.demo --run $(RUN) $(ARGS)
+
+# The demo chain over seeds 42 (make demo's), 1 and 2: each stage's spread (bench/demo_seeds.py).
+demo-seeds: install
+	$(BIN)/python bench/demo_seeds.py $(ARGS)
 
 # ACCELERATE=ddp|fsdp|zero2|zero3 (recipes/accelerate/) runs the stage under `accelerate launch`
 # with NPROC processes (default: one per GPU, 2 on CPU).
