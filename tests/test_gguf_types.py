@@ -1,18 +1,26 @@
 """Every GGUF tensor type the `gguf` package reads imports to the weights gguf itself
 dequantizes: files written here from SmolLM2-135M-Instruct's real tensors (the bundled GGUF, cut
-to a few layers) with gguf's GGUFWriter, each tensor stored in a type of the test's choosing, go
-through the real import (`imported_dir` / `posttrain import`) and come out equal, value for value,
-to `gguf.quants.dequantize` of what was written, in transformers' layout (q/k rows un-permuted).
+to a few layers and its first 1024 tokens) with gguf's GGUFWriter, each tensor stored in a type
+of the test's choosing, go through the real import (`imported_dir` / `posttrain import`) and come
+out equal, value for value, to `gguf.quants.dequantize` of what was written, in transformers'
+layout (q/k rows un-permuted).
 
 gguf can write only some types (`gguf.quants.quantize`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16, TQ1_0,
 TQ2_0, MXFP4, and F16/F32); those store SmolLM2's values. The types it can only read (the K-quants,
 the IQ types, NVFP4) store random blocks, any block that decodes to a non-finite number zeroed:
 what is checked for them is that the import unpacks them exactly as gguf does.
+
+The cut keeps the tests cheap (a whole SmolLM2 takes half a minute of CPU to import, most of it
+in parsing its 49k-token vocabulary and mapping its 30 layers' names): the vocabulary is cut to
+its first tokens (with the merges among them) and the embedding to match; the all-types file
+also cuts the widths (the first 4 of 9 query heads, 2 of 3 key/value heads, 512 of 1536 MLP
+channels), so that every matrix has rows of 256 or 512 values and takes any block type.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +31,65 @@ from posttrain.gguf_import import readable_types, smollm2_gguf, type_name
 
 pytestmark = pytest.mark.slow
 
-HEADS, KV_HEADS = 9, 3  # SmolLM2-135M's attention
+HEAD_DIM, VOCAB = 64, 1024  # SmolLM2's head width; the tokens the cut keeps
 _HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+@dataclass(frozen=True)
+class Cut:
+    """The sizes of a file cut from SmolLM2: its first `layers` layers and VOCAB tokens, at its
+    own widths unless narrowed (the first heads, the first MLP channels)."""
+    layers: int
+    heads: int = 9
+    kv_heads: int = 3
+    ffn: int = 1536
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * HEAD_DIM
+
+    def sizes(self) -> dict[int, int]:
+        """SmolLM2's size of a tensor dimension -> the cut's: the first rows/columns are kept."""
+        return {576: self.hidden, 192: self.kv_heads * HEAD_DIM, 1536: self.ffn, 49152: VOCAB}
+
+    def metadata(self) -> dict[str, int]:
+        return {"llama.block_count": self.layers, "llama.embedding_length": self.hidden,
+                "llama.feed_forward_length": self.ffn, "llama.attention.head_count": self.heads,
+                "llama.attention.head_count_kv": self.kv_heads, "llama.vocab_size": VOCAB}
+
+
+NARROW = Cut(layers=4, heads=4, kv_heads=2, ffn=512)  # 28 matrices, every row 256 or 512 values
+
+
 @pytest.fixture(scope="module")
 def source():
-    """The bundled SmolLM2 GGUF, read once by gguf."""
+    """The bundled SmolLM2 GGUF, read once by gguf: `(fields, tensors)`, the tokenizer's fields
+    already cut to the first VOCAB tokens and the merges among them."""
     import gguf
-    return gguf.GGUFReader(str(smollm2_gguf()))
+    reader = gguf.GGUFReader(str(smollm2_gguf()))
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents(slice(0, VOCAB))
+    kept, merges = set(tokens), []
+    # A merge must name tokens of the vocabulary. Merges come in the order of the tokens they
+    # make, so those that make a kept token lie among the first VOCAB.
+    for merge in reader.fields["tokenizer.ggml.merges"].contents(slice(0, VOCAB)):
+        left, right = merge.split(" ")
+        if {left, right, left + right} <= kept:
+            merges.append(merge)
+    assert len(merges) > 500
+    cut = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+           "tokenizer.ggml.token_type":
+               reader.fields["tokenizer.ggml.token_type"].contents(slice(0, VOCAB))}
+    fields = []
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        fields.append((field.name, cut[field.name] if field.name in cut else field.contents(),
+                       kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None))
+    return fields, [(t.name, t.tensor_type, t.data) for t in reader.tensors]
 
 
 def hf_name(gguf_name: str) -> str:
@@ -47,11 +102,12 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_HF_NAMES[part]}.{leaf}"
 
 
-def hf_rows(gguf_name: str, values: np.ndarray) -> np.ndarray:
+def hf_rows(gguf_name: str, values: np.ndarray, cut: Cut) -> np.ndarray:
     """A tensor as transformers holds it: llama.cpp's converter permutes the rows of q and k
     (`LlamaModel.permute` in convert_hf_to_gguf.py, copied below); undo it by the inverse of the
     permutation it applies to the row indices."""
-    heads = HEADS if ".attn_q." in gguf_name else KV_HEADS if ".attn_k." in gguf_name else None
+    heads = (cut.heads if ".attn_q." in gguf_name else
+             cut.kv_heads if ".attn_k." in gguf_name else None)
     if heads is None:
         return values
     rows = np.arange(values.shape[0])
@@ -78,32 +134,31 @@ def store(values: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-def write_gguf(dest: Path, reader, layers: int, choose) -> dict[str, tuple[str, np.ndarray]]:
-    """A GGUF of SmolLM2's first `layers` layers (its metadata, `block_count` cut to match) in
-    which each 2-D layer tensor is stored as `choose(name, row_length)` says; the embedding and
-    the norms keep the bundled file's bytes. Returns `{gguf name: (type, gguf's dequantization)}`."""
+def write_gguf(dest: Path, source, cut: Cut, choose) -> dict[str, tuple[str, np.ndarray]]:
+    """A GGUF of SmolLM2 cut to `cut` (its metadata, the sizes changed to match) in which each
+    2-D layer tensor is stored as `choose(name, row_length)` says; the embedding and the norms
+    keep the bundled file's types. Returns `{gguf name: (type, gguf's dequantization)}`."""
     import gguf
     from gguf import quants
 
+    fields, tensors = source
+    sizes, metadata = cut.sizes(), cut.metadata()
     writer = gguf.GGUFWriter(dest, "llama")
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        value = layers if field.name == "llama.block_count" else field.contents()
-        writer.add_key_value(field.name, value, kind,
-                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for name, value, kind, sub_type in fields:
+        writer.add_key_value(name, metadata.get(name, value), kind, sub_type=sub_type)
     rng = np.random.default_rng(0)
     expected = {}
-    for tensor in reader.tensors:
-        name, qtype = tensor.name, tensor.tensor_type
-        if name.startswith("blk.") and int(name.split(".")[1]) >= layers:
+    for name, qtype, data in tensors:
+        if name.startswith("blk.") and int(name.split(".")[1]) >= cut.layers:
             continue
-        data = tensor.data
-        if name.startswith("blk.") and len(data.shape) == 2:
-            values = quants.dequantize(data, qtype)
+        # The rows are cut before unpacking (the embedding has 49152), the columns after.
+        data = data[:sizes[data.shape[0]]]
+        values = quants.dequantize(data, qtype)
+        if values.ndim == 2:
+            values = values[:, :sizes[values.shape[1]]]
+        if name.startswith("blk.") and values.ndim == 2:
             qtype = choose(name, values.shape[1])
-            data = store(values, qtype, rng)
+        data = store(values, qtype, rng)
         writer.add_tensor(name, data, raw_dtype=qtype)
         expected[name] = (qtype.name, quants.dequantize(data, qtype).astype(np.float32))
     writer.write_header_to_file()
@@ -113,7 +168,8 @@ def write_gguf(dest: Path, reader, layers: int, choose) -> dict[str, tuple[str, 
     return expected
 
 
-def assert_imported(model_dir: Path, expected: dict[str, tuple[str, np.ndarray]]) -> None:
+def assert_imported(model_dir: Path, expected: dict[str, tuple[str, np.ndarray]],
+                    cut: Cut) -> None:
     """Every tensor of the imported dir equals gguf's dequantization of the file's, in
     transformers' layout, and the record lists the file's types."""
     from safetensors.numpy import load_file
@@ -123,39 +179,39 @@ def assert_imported(model_dir: Path, expected: dict[str, tuple[str, np.ndarray]]
     for name, (qtype, values) in expected.items():
         got = weights[hf_name(name)]
         assert got.dtype == np.float32 and got.shape == values.shape, name
-        assert np.array_equal(got, hf_rows(name, values)), f"{name} ({qtype})"
+        assert np.array_equal(got, hf_rows(name, values, cut)), f"{name} ({qtype})"
     record = json.loads((model_dir / "posttrain_import.json").read_text())
     types = sorted({qtype for qtype, _ in expected.values()})
     assert record["tensor_types"] == types and record["dtype"] == "float32"
     assert sum(record["tensor_type_counts"].values()) == len(expected)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (cut.layers, cut.heads,
+                                                                     cut.kv_heads, VOCAB)
 
 
-def test_every_type_gguf_reads(source, runs_root, tmp_path, capsys):
-    """One file holding every type gguf reads, each on tensors whose rows its blocks divide:
-    the 256-value block types on `ffn_down` (1536 columns), one a layer; the others (blocks of
-    1, 32 or 64, which divide 576) in turn on the other six matrices of each layer."""
+def test_every_type_gguf_reads(source, runs_root, tmp_path):
+    """One file holding every type gguf reads, in turn on the 28 matrices of four narrowed
+    layers (rows of 256 or 512 values, which blocks of 1, 32, 64 and 256 all divide)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from posttrain.gguf_import import imported_dir
 
     readable = [GGMLQuantizationType(t) for t in readable_types()]
-    wide = [t for t in readable if GGML_QUANT_SIZES[t][0] == 256]
-    narrow = [t for t in readable if 576 % GGML_QUANT_SIZES[t][0] == 0]
-    assert set(wide) | set(narrow) == set(readable)  # every type gguf reads has a place
+    assert all(256 % GGML_QUANT_SIZES[t][0] == 0 for t in readable)  # each has a place
     turn = iter(range(10_000))
 
     def choose(name: str, row: int):
-        return wide[int(name.split(".")[1])] if row == 1536 else narrow[next(turn) % len(narrow)]
+        return readable[next(turn) % len(readable)]
 
     path = tmp_path / "every-type.gguf"
-    expected = write_gguf(path, source, len(wide), choose)
+    expected = write_gguf(path, source, NARROW, choose)
     assert {qtype for qtype, _ in expected.values()} == {t.name for t in readable}
     model_dir, record = imported_dir(path)
-    assert_imported(model_dir, expected)
+    assert_imported(model_dir, expected, NARROW)
     # This transformers reads llama with its older loader: gguf dequantizes every type.
     assert record["unpacked_by"] == {t.name: "gguf" for t in readable
                                      if t.name not in ("F32", "F16", "BF16")}
-    print(sorted(record["tensor_types"]))
 
 
 def q4_k_m(name: str, row: int):
@@ -172,19 +228,20 @@ def q4_k_m(name: str, row: int):
 
 def test_q4_k_m_mix_through_the_cli(source, runs_root, tmp_path, capsys):
     """The file that stopped the import before (`ggml type 6`): Q4_K, Q6_K, Q8_0 and Q5_0
-    tensors beside the F32 norms, through `posttrain import`."""
+    tensors beside the F32 norms, at SmolLM2's own widths, through `posttrain import`."""
+    cut = Cut(layers=2)
     path = tmp_path / "smol-q4_k_m.gguf"
-    expected = write_gguf(path, source, 4, q4_k_m)
+    expected = write_gguf(path, source, cut, q4_k_m)
     assert {qtype for qtype, _ in expected.values()} == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
     out = tmp_path / "smol"
     assert cli_main(["import", str(path), "--out", str(out)]) == 0
-    assert_imported(out, expected)
+    assert_imported(out, expected, cut)
     assert "Q5_0" in capsys.readouterr().err  # the import says what it reads
     # A fresh dir is a real model: it loads and runs.
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_hidden_layers == 4
+    assert model.config.num_hidden_layers == 2
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
@@ -201,10 +258,11 @@ def test_types_transformers_kernels_lack_are_dequantized_by_gguf(source, runs_ro
     kernels = {int(Q.Q4_0), int(Q.Q8_0)}
     monkeypatch.setattr(gguf_import, "transformers_unpacks", lambda arch: kernels)
     types = iter([Q.Q5_0, Q.Q5_1, Q.Q4_0] * 20)
+    cut = Cut(layers=1, heads=4, kv_heads=2, ffn=512)
     path = tmp_path / "kernels-lack.gguf"
-    expected = write_gguf(path, source, 2, lambda name, row: next(types))
+    expected = write_gguf(path, source, cut, lambda name, row: next(types))
     model_dir, record = gguf_import.imported_dir(path)
-    assert_imported(model_dir, expected)
+    assert_imported(model_dir, expected, cut)
     assert record["unpacked_by"] == {"Q4_0": "transformers", "Q5_0": "gguf", "Q5_1": "gguf",
                                      "Q8_0": "transformers"}
     assert "no kernel for Q5_0, Q5_1" in capsys.readouterr().err

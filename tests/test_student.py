@@ -21,17 +21,22 @@ QWEN2_BIASES = 576 + 192 + 192  # q, k, v
 
 
 @pytest.fixture(scope="module")
-def teacher(runs_root):
-    """The bundled GGUF as an HF dir (imported once into this session's runs dir), loaded."""
-    from transformers import AutoModelForCausalLM
-
+def teacher_dir(runs_root) -> Path:
+    """The bundled GGUF as an HF dir, imported once into this session's runs dir (the import,
+    half a minute of CPU, is cached there by the file's hash: `--from SMOLLM2` below finds it)."""
     from posttrain.gguf_import import imported_dir
-    path, _ = imported_dir(SMOLLM2)
-    return path, AutoModelForCausalLM.from_pretrained(path).eval()
+    return imported_dir(SMOLLM2)[0]
 
 
 @pytest.fixture(scope="module")
-def students(teacher, tmp_path_factory):
+def teacher(teacher_dir):
+    """The imported teacher, loaded once."""
+    from transformers import AutoModelForCausalLM
+    return teacher_dir, AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def students(teacher_dir, tmp_path_factory):
     """Every-other-layer students of the teacher in both architectures, made by the CLI from the
     GGUF reference itself."""
     root = tmp_path_factory.mktemp("students")
@@ -43,22 +48,19 @@ def students(teacher, tmp_path_factory):
     return out
 
 
-def greedy(model, tokenizer, new_tokens: int = 16) -> list[list[int]]:
+def greedy(model, tokenizer, new_tokens: int = 8):
+    """The greedy continuations of PROMPTS (one left-padded batch) and the logits of each step."""
     import torch
-    outputs = []
-    for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False)
-        outputs.append(out[0, ids.shape[1]:].tolist())
-    return outputs
+    batch = tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in PROMPTS],
+                                          add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True, padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:].tolist(), torch.stack(out.logits)
 
 
-def test_qwen2_copy_of_the_whole_teacher_generates_the_same(teacher, tmp_path, capsys):
-    import torch
+def test_qwen2_copy_of_the_whole_teacher_generates_the_same(teacher, tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     from posttrain.models import load_tokenizer
@@ -69,14 +71,13 @@ def test_qwen2_copy_of_the_whole_teacher_generates_the_same(teacher, tmp_path, c
     copy = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
     assert type(copy) is Qwen2ForCausalLM and not copy.config.use_sliding_window
     assert record["params_after"] == record["params_before"] + 30 * QWEN2_BIASES
-    tok = load_tokenizer(path)
-    expected = greedy(model, tok)
-    assert greedy(copy, load_tokenizer(tmp_path / "qwen2")) == expected
+    expected, expected_logits = greedy(model, load_tokenizer(path))
     assert all(len(set(seq)) > 3 for seq in expected)  # real text, not one token repeated
-    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        gap = (model(ids).logits - copy(ids).logits).abs().max().item()
-    assert gap < 1e-3
+    tokens, logits = greedy(copy, load_tokenizer(tmp_path / "qwen2"))
+    assert tokens == expected
+    # The same function, not only the same argmax: every step's logits (before the min-length
+    # processor) agree.
+    assert (logits - expected_logits).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -170,11 +171,18 @@ def test_a_stage_as_teacher_and_a_listed_layer_set(students, runs_root, tmp_path
     (["--layers"], "argument --layers: expected one argument"),
 ], ids=["layer not a number", "layers out of order", "layer out of range", "unknown arch",
         "missing dir", "missing stage", "missing gguf", "out in use", "no layer list"])
-def test_mistakes_are_one_line_and_write_nothing(args, message, teacher, runs_root, tmp_path,
-                                                 capsys):
+def test_mistakes_are_one_line_and_write_nothing(args, message, teacher_dir, runs_root, tmp_path,
+                                                 monkeypatch, capsys):
+    """Each mistake is found before any weights are read: loading a model here fails the test."""
+    from transformers import AutoModelForCausalLM
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine\n")
-    argv = {"--from": str(teacher[0]), "--out": str(tmp_path / "student")}
+    argv = {"--from": str(teacher_dir), "--out": str(tmp_path / "student")}
     extra = [a.replace("{tmp}", str(tmp_path)) for a in args]
     for flag in ("--from", "--out"):
         if flag in extra:
