@@ -96,6 +96,7 @@ def test_dpo_stage_from_scored_samples(tiny_run, engines_at_train_start):
     from posttrain.answer_format import is_well_formed
     from posttrain.scoring import score
     for p in pairs:  # chosen: right and well formed; rejected: wrong, or malformed
+        assert p["prompt"][-1]["role"] == "user"
         a, b = re.fullmatch(r"What is (\d+)\+(\d+)\?", p["prompt"][-1]["content"]).groups()
         chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
         assert score(chosen, str(int(a) + int(b))) and is_well_formed(chosen)
