@@ -7,8 +7,8 @@ process each (two stages on one thread each get more done than one on two), and 
 is a job of its own, so the next stage starts as soon as the model is saved.
 
 Each job's thread count is fixed by the chain, not by which job ended first: a stage of `ALONE`
-(the critical path, with nothing to run beside it) gets every core, any other job its share
-(cores / jobs), and a job starts only when its cores are free. On a CPU the last bits of a
+(the critical path, with nothing to run beside it) starts when nothing runs and gets every core,
+any other job its share (cores / jobs) beside another. On a CPU the last bits of a
 result depend on the thread count, so this is what makes two runs on one machine print the same
 table. `--seed N` gives every stage of the chain that seed (data, sampling, initialisation).
 """

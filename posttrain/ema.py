@@ -8,8 +8,9 @@ loop never waits for the EMA:
   pinned memory, and the next optimizer step (the first thing that changes the weights) waits for
   it on the device, not on the host. On a CPU the worker copies, and the next optimizer step
   finishes whatever part of the copy is left.
-- The fold uses the cores the loop leaves free: every core but one beside a GPU loop, one core at
-  the lowest priority beside a CPU loop (which keeps its cores).
+- The fold uses the cores the loop leaves free: beside a GPU loop, this process's share of the
+  node's cores less the loop's; beside a CPU loop (which keeps its cores), one core at the lowest
+  priority.
 - When the worker cannot keep up, snapshots are skipped instead of queued: the next one is folded
   with `d ** k` (k: the updates due since the last fold), so the EMA keeps its time constant. The
   stage's manifest entry records the updates, the skips and the effective interval (`ema`).
@@ -309,7 +310,7 @@ class EMACallback(TrainerCallback):
         on average (`every` when the worker kept up)."""
         covered = sum(due for _, due in self.folds) * self.config.every
         return {"updates": self.updates, "skipped": self.skipped, "every": self.config.every,
-                "effective_interval": round(covered / self.updates, 3) if self.updates else None,
+                "effective_interval": covered / self.updates if self.updates else None,
                 "fold_threads": getattr(self, "_threads", self.threads)}
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
