@@ -19,9 +19,10 @@
    from drifting apart chaotically, so a fraction of a percent can be resolved.
    A from-scratch pair of curves (FP8 vs BF16, same init and data order) goes to the PNG.
 
-The FP8 GEMMs here are the CPU reference (exact E4M3 products, FP32 per 128-block). The BF16
-arm computes what a BF16 tensor-core GEMM does — operands rounded to BF16, products accumulated
-in FP32 — on the same layers FP8 covers (the FP8 layers with `_bf16_linear` below as their GEMM), with FP32 master
+The FP8 GEMMs here are the CPU reference (exact E4M3 products, FP32 per 128-block; the routed
+experts through the grouped GEMMs' reference). The BF16 arm computes what a BF16 tensor-core GEMM
+does — operands rounded to BF16, products accumulated in FP32 — on the same layers FP8 covers
+(the FP8 layers with `_bf16_linear` / `_bf16_grouped` below as their GEMM), with FP32 master
 weights: CPU autocast emulates BF16 matmuls at ~9x the FP32 step time on this machine's AVX2,
 which the branch protocol cannot afford, and this keeps the FP8-vs-BF16 difference to the GEMMs.
 
@@ -181,6 +182,31 @@ def _bf16_linear(x, weight, bias=None, config=None):
     return y + bias if bias is not None else y
 
 
+class _Bf16GroupedGemm(torch.autograd.Function):
+    """The experts' grouped `x @ w_eᵀ` (posttrain.fp8.experts' layout) as BF16 GEMMs compute it,
+    on the same row tiles the FP8 arm's grouped GEMMs use."""
+
+    @staticmethod
+    def forward(ctx, x, w, layout):
+        from posttrain.fp8.experts import matmul_t, per_tile
+        xb, wb = _bf16(x), _bf16(w)
+        ctx.save_for_backward(xb, wb)
+        ctx.layout = layout
+        return per_tile(xb, wb, layout, matmul_t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from posttrain.fp8.experts import matmul_t, per_group, per_tile
+        xb, wb = ctx.saved_tensors
+        gb = _bf16(grad)
+        return (per_tile(gb, wb.transpose(1, 2), ctx.layout, matmul_t),
+                per_group(gb.t(), xb.t(), ctx.layout, matmul_t), None)
+
+
+def _bf16_grouped(x, weight, layout, config=None):
+    return _Bf16GroupedGemm.apply(x, weight, layout)
+
+
 def build(tok, arm: str, init_seed: int = 0):
     from posttrain.fp8 import FP8Config, convert_to_fp8
     from posttrain.models import build_tiny_model
@@ -192,8 +218,10 @@ def build(tok, arm: str, init_seed: int = 0):
     elif spec == "bf16":   # the FP8 layers' own swap, each GEMM then computed as BF16 does
         convert_to_fp8(model, FP8Config())
         for module in model.modules():
-            if type(module).__name__ in ("FP8Linear", "FP8Experts"):
+            if type(module).__name__ == "FP8Linear":
                 module.linear_fn = _bf16_linear
+            elif type(module).__name__ == "FP8Experts":
+                module.grouped_fn = _bf16_grouped
     return model
 
 

@@ -2,10 +2,11 @@
 that installs them there.
 
 The GPU machines lent to this project have no network and their own image (Python 3.12, torch
-with CUDA, transformers, accelerate, peft, safetensors, tokenizers, numpy, pytest); a call may
+with CUDA, triton, transformers, accelerate, peft, safetensors, tokenizers, numpy, pyarrow,
+pandas, python-dateutil, xxhash, pytest); a call may
 carry at most 64 MiB with the working tree. Run this where the package index is reachable: it
 downloads exactly the packages the check imports beyond such an image (TRL, datasets and what
-datasets needs, math-verify), at the versions installed here, as cp312 manylinux x86_64 wheels
+datasets needs beyond the image, math-verify), at the versions installed here, as cp312 manylinux x86_64 wheels
 (pure-python where they exist), into a git-ignored folder; checks the folder fits; and prints
 the one line that installs them there and runs the check from the source tree. vLLM does not fit
 (~400 MB): the check reports its vLLM checks skipped. matplotlib is left out too (plots are
@@ -28,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 64
 # What bench/gpu_check.py imports that such an image lacks (its NEEDS, closed over their
 # requirements, minus the image's own packages).
-PACKAGES = ("trl", "datasets", "pyarrow", "pandas", "python-dateutil", "tzdata", "dill",
-            "multiprocess", "xxhash", "math-verify", "latex2sympy2_extended",
+# The image has pyarrow, pandas, python-dateutil and xxhash: they are not carried.
+PACKAGES = ("trl", "datasets", "dill", "multiprocess", "math-verify", "latex2sympy2_extended",
             "antlr4-python3-runtime")
-# The oldest pyarrow datasets accepts (>= 24): its wheel is 4 MiB smaller than the newest's, which
-# is what keeps the folder under 64 MiB.
-OVERRIDES = {"pyarrow": "24.0.0"}
+OVERRIDES: dict[str, str] = {}
+# Where the wheels are installed on the image: a path with `site-packages` in it, because dill
+# (under datasets' fingerprinting) pickles by value every module whose file is not under such a
+# path, and fails on pyarrow's types.
+TARGET = ".gpu_deps/lib/site-packages"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 
@@ -73,9 +76,8 @@ def main() -> int:
         print(f"too large for one call: {mib:.1f} MiB > {LIMIT_MIB} MiB", file=sys.stderr)
         return 1
     rel = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
-    target = ".gpu_deps"
     command = ("python3 -m pip install --no-index --no-deps "
-               f"--target {target} {rel}/*.whl && PYTHONPATH={target}:. python3 "
+               f"--target {TARGET} {rel}/*.whl && PYTHONPATH={TARGET}:. python3 "
                f"bench/gpu_check.py --out $OUT/gpu_check.json")
     print(f"on the GPU image, from the repository root:\n  {command}")
     print(json.dumps({"folder": str(folder), "wheels": len(wheels), "mib": round(mib, 1),
