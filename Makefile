@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 STAGES := base sft grpo rejection dpo
-.PHONY: install test test-fast demo demo-seeds eval status report bench real gpu-check lint clean distill $(STAGES)
+.PHONY: install test test-fast demo demo-seeds eval status report bench real real-chain gpu-check lint clean distill $(STAGES)
 
 # Idempotent: re-installs only when pyproject.toml or this file changed since the last install.
 # Where CUDA is present (nvidia-smi lists a GPU, or GPU=1) the GPU set is installed: the CUDA
@@ -95,6 +95,13 @@ bench: install
 # GRPO with vLLM -> eval on CPU (<= 60 min on 2 cores). Needs POSTTRAIN_DATA_DIR (GSM8K's file).
 real: install
 	$(BIN)/python bench/real_model.py $(ARGS)
+
+# SmolLM2's chain past GRPO: rejection sampling -> second SFT round -> DPO, and two pruned
+# students (Llama, Qwen2) distilled three ways and trained by RL alone, every model evaluated on
+# eval/smollm2.yaml, then its pass/fail checks (bench/real_chain.py). Continues runs/smol, running
+# `make real`'s stages there first when absent; resumable. ARGS=--smoke checks the plumbing.
+real-chain: install
+	$(BIN)/python bench/real_chain.py $(ARGS)
 
 # On a CUDA machine: cuBLAS FP8, FP32 master weights, GPU eval, GRPO, the EMA's overlap, vLLM
 # when installed (<= 6 min). Elsewhere it says so in one line and succeeds; a GPU that torch
