@@ -264,7 +264,13 @@ def imported_dir(ref: str | Path) -> tuple[Path, dict[str, Any]]:
     out = cache_root() / f"{path.stem}-{sha[:16]}"
     record_path = out / IMPORT_FILE
     if not record_path.is_file():
-        convert(path, out, info, sha)
+        from filelock import FileLock
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Processes that start from the same file (the ranks of a launch) convert it once: the
+        # first converts, the others wait and read its result.
+        with FileLock(f"{out}.lock"):
+            if not record_path.is_file():
+                convert(path, out, info, sha)
     return out, json.loads(record_path.read_text())
 
 

@@ -78,6 +78,11 @@ def runs_root(tmp_path_factory) -> Path:
     """A runs dir for the session; POSTTRAIN_RUNS_DIR points at it."""
     root = tmp_path_factory.mktemp("runs")
     os.environ["POSTTRAIN_RUNS_DIR"] = str(root)
+    # Converted checkpoints (the bundled GGUF) in a folder every xdist worker sees: the first to
+    # need one converts it, under imported_dir's lock, and the others read it.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["POSTTRAIN_MODEL_CACHE"] = str(shared / "models")
     return root
 
 

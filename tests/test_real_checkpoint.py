@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def smollm2(runs_root):
-    """The bundled GGUF, imported once per session (into the session's runs dir)."""
+    """The bundled GGUF, imported once per session (conftest: a cache every worker sees)."""
     from posttrain.gguf_import import imported_dir
     path, record = imported_dir(SMOLLM2)
     return path, record

@@ -22,8 +22,9 @@ QWEN2_BIASES = 576 + 192 + 192  # q, k, v
 
 @pytest.fixture(scope="module")
 def teacher_dir(runs_root) -> Path:
-    """The bundled GGUF as an HF dir, imported once into this session's runs dir (the import,
-    half a minute of CPU, is cached there by the file's hash: `--from SMOLLM2` below finds it)."""
+    """The bundled GGUF as an HF dir, imported once for the session (the import, half a minute
+    of CPU, is cached by the file's hash where every worker sees it: `--from SMOLLM2` below
+    finds it)."""
     from posttrain.gguf_import import imported_dir
     return imported_dir(SMOLLM2)[0]
 
