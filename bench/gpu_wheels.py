@@ -32,7 +32,6 @@ LIMIT_MIB = 64
 # The image has pyarrow, pandas, python-dateutil and xxhash: they are not carried.
 PACKAGES = ("trl", "datasets", "dill", "multiprocess", "math-verify", "latex2sympy2_extended",
             "antlr4-python3-runtime")
-OVERRIDES: dict[str, str] = {}
 # Where the wheels are installed on the image: a path with `site-packages` in it, because dill
 # (under datasets' fingerprinting) pickles by value every module whose file is not under such a
 # path, and fails on pyarrow's types.
@@ -42,9 +41,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 
 
 def pinned() -> list[str]:
-    """Each package at the version installed here (the versions the test-suite ran), but for
-    OVERRIDES."""
-    return [f"{name}=={OVERRIDES.get(name) or metadata.version(name)}" for name in PACKAGES]
+    """Each package at the version installed here (the versions the test-suite ran)."""
+    return [f"{name}=={metadata.version(name)}" for name in PACKAGES]
 
 
 def download(folder: Path, python: str) -> list[Path]:
