@@ -10,7 +10,7 @@ recipes/smollm2-135m/:
     rejection    rejection.yaml         the RL model's verified samples, as SFT data
     sft_rs       sft_rs.yaml            the base retrained on them (R1's second SFT round)
     dpo          dpo.yaml               DPO from grpo on its own verifier-scored pairs
-    students     posttrain.student      every other layer of the teacher's base checkpoint (the
+    students     posttrain.student      14 of the 30 layers (spread:14) of the teacher's base checkpoint (the
                                         GGUF its sft started from, read off the manifest) as a
                                         Llama and a Qwen2 model, at runs/<run>/students/{llama,qwen2}
                                         where the recipes' `init_from` points
@@ -55,7 +55,9 @@ R = "recipes/smollm2-135m"
 TASKS = (TASK, "gsm8k")
 STUDENTS = {"llama": "llama", "qwen": "qwen2"}  # stage suffix → architecture (and student dir)
 METHODS = ("traces", "logits", "on_policy")
-LAYERS = "every_other"  # the recipes' students: 15 of SmolLM2's 30 layers
+# The recipes' students: 14 of SmolLM2's 30 layers, first and last kept (0.58x the parameters;
+# every other layer, 15, is 0.605x: its tied 28M-parameter embedding is a fifth of the teacher).
+LAYERS = "spread:14"
 # (name here and in the JSON, stage kind, recipe, name in the manifest)
 TEACHER_STAGES = [("rejection", "rejection", f"{R}/rejection.yaml", "rejection"),
                   ("sft_rs", "sft", f"{R}/sft_rs.yaml", "sft_rs"),

@@ -5,7 +5,7 @@
     posttrain eval --run NAME --model DIR|FILE.gguf|HUB_ID [--suite ...]   a model of no stage
     posttrain import FILE.gguf --out DIR       a GGUF checkpoint as an HF model dir
     posttrain init-model --arch qwen2|llama|deepseek_v3 --tokenizer DIR --out DIR [--key value ...]
-    posttrain student --from MODEL --out DIR [--layers every_other|all|0,2,4] [--arch llama|qwen2]
+    posttrain student --from MODEL --out DIR [--layers every_other|all|spread:N|0,2,4] [--arch llama|qwen2]
                       [--run NAME]      a teacher's layers as a smaller Llama or Qwen2 model
     posttrain status --run NAME
     posttrain fp8 quantize|dequantize SRC DST [--dtype bfloat16|float32]
@@ -199,7 +199,8 @@ def _student_command(argv: list[str]) -> int:
                    help="the teacher: model dir, .gguf file, hub id, or a stage of --run")
     p.add_argument("--out", required=True, help="new model dir for the student")
     p.add_argument("--layers", default="every_other",
-                   help="teacher layers kept: every_other (default), all, or e.g. 0,2,4")
+                   help="teacher layers kept: every_other (default), all, spread:N (N evenly spaced, "
+                        "first and last kept), or e.g. 0,2,4")
     p.add_argument("--arch", default=None, help="llama or qwen2 (default: the teacher's)")
     p.add_argument("--run", default="demo", help="the run whose stage --from may name")
     args = p.parse_args(argv)

@@ -285,6 +285,36 @@ def load_tokenizer(ref: str | Path, chat_template: str | None = None,
     return tok
 
 
+# Tokenizers handed to readers, by (ref, options, the files of a local dir): see shared_tokenizer.
+_SHARED: dict[tuple, Any] = {}
+_SHARED_MAX = 4
+
+
+def shared_tokenizer(ref: str | Path, chat_template: str | None = None,
+                     answer_format: str = "tags"):
+    """`load_tokenizer`'s tokenizer, loaded once per process for callers that only read it
+    (checks, rendering prompts, decoding); a trainer, which may change it, loads its own.
+
+    A 128k-152k-token vocabulary takes 1.5 s to load (and as long to copy), and a stage reads its
+    model's tokenizer three or four times (preflight, prompts, generation, eval). A local dir is
+    keyed by its files' sizes and times, so a stage that rewrites the dir gets the new one.
+    """
+    key = (str(ref), chat_template, answer_format, _dir_signature(ref))
+    if key not in _SHARED:
+        while len(_SHARED) >= _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        _SHARED[key] = load_tokenizer(ref, chat_template, answer_format)
+    return _SHARED[key]
+
+
+def _dir_signature(ref: str | Path) -> tuple:
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                        for f in path.iterdir() if f.is_file()))
+
+
 def load_model(ref: str | Path, dtype: str = "auto"):
     """Causal LM from a model dir or hub id, on `device()` (bf16 on a GPU, fp32 on CPU, unless
     `dtype` says otherwise)."""

@@ -1,6 +1,6 @@
 """Students made from a teacher: fewer of its layers, in its architecture or another one.
 
-    posttrain student --from MODEL --out DIR [--layers every_other|all|0,2,4] [--arch llama|qwen2]
+    posttrain student --from MODEL --out DIR [--layers every_other|all|spread:N|0,2,4] [--arch llama|qwen2]
                       [--run NAME]
 
 R1 distils one reasoning model into small dense students of two families (Qwen2.5 and Llama). In
@@ -43,18 +43,30 @@ _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def layer_list(spec: str, n_layers: int | None = None) -> list[int] | None:
-    """The teacher layers `spec` keeps: `every_other` (0, 2, 4, ...), `all`, or increasing layer
-    numbers (`0,2,4`). Without `n_layers` only the spelling is checked (None for the named
-    ones). UserError for a bad list."""
+    """The teacher layers `spec` keeps: `every_other` (0, 2, 4, ...), `all`, `spread:N` (N layers
+    evenly spaced from the first to the last: a size other than half, e.g. 14 of 30 to come
+    under 0.6x the parameters where the embeddings weigh a fifth), or increasing layer numbers
+    (`0,2,4`). Without `n_layers` only the spelling is checked (None for the named ones).
+    UserError for a bad spec."""
     if spec in ("every_other", "all"):
         if n_layers is None:
             return None
         return list(range(0, n_layers, 2 if spec == "every_other" else 1))
+    if spec.startswith("spread:"):
+        count = spec.removeprefix("spread:")
+        if not count.isdigit() or int(count) < 2:
+            raise UserError(f"--layers {spec!r}: spread:N keeps N >= 2 layers, e.g. spread:14")
+        if n_layers is None:
+            return None
+        if int(count) > n_layers:
+            raise UserError(f"--layers {spec!r}: the teacher has {n_layers} layers")
+        last, n = n_layers - 1, int(count)
+        return sorted({round(i * last / (n - 1)) for i in range(n)})
     try:
         kept = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise UserError(f"--layers {spec!r}: give every_other, all, or increasing layer numbers "
-                        f"such as 0,2,4") from None
+        raise UserError(f"--layers {spec!r}: give every_other, all, spread:N, or increasing layer "
+                        f"numbers such as 0,2,4") from None
     if kept != sorted(set(kept)) or kept[0] < 0:
         raise UserError(f"--layers {spec!r}: layer numbers must be increasing, from 0")
     if n_layers is not None and kept[-1] >= n_layers:

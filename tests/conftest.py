@@ -50,8 +50,8 @@ if importlib.util.find_spec("xdist") is not None:
 
 def _threads_per_process() -> int:
     """$POSTTRAIN_THREADS (2 when unset), capped at the cores shared out among pytest-xdist
-    workers (one each for two workers on two cores): oversubscribed threads slow torch many
-    times over."""
+    workers (one each where there are as many workers as cores, or more): oversubscribed
+    threads slow torch many times over."""
     wanted = int(os.environ.get("POSTTRAIN_THREADS", 0)) or 2
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
     return max(1, min(wanted, (os.cpu_count() or 1) // workers))

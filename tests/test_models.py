@@ -14,6 +14,7 @@ from posttrain.models import (
     build_tiny_model,
     load_model,
     load_tokenizer,
+    shared_tokenizer,
     train_tokenizer,
 )
 from posttrain.tasks import TASKS
@@ -31,6 +32,19 @@ def tok_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     return load_tokenizer(tok_dir)
+
+
+def test_shared_tokenizer_loads_once_until_the_dir_changes(tok_dir, tmp_path):
+    import shutil
+    own = tmp_path / "tok"
+    shutil.copytree(tok_dir, own)
+    first = shared_tokenizer(own)
+    assert shared_tokenizer(own) is first  # readers share one load
+    assert shared_tokenizer(own, chat_template="r1_zero") is not first  # other options, other key
+    assert load_tokenizer(own) is not first  # a trainer's own, free to change
+    first.save_pretrained(own)  # the dir rewritten (as a stage rewrites its output)
+    again = shared_tokenizer(own)
+    assert again is not first and again.get_vocab() == first.get_vocab()
 
 
 @pytest.mark.parametrize("text", [

@@ -215,7 +215,7 @@ def test_every_preset_trains_through_the_stage(tiny_run):
     from posttrain.runner import run_stage
     for preset, path in PRESET_RECIPES.items():
         entry = run_stage("grpo", str(path), tiny_run,
-                          {"max_steps": "2", "per_device_train_batch_size": "16",
+                          {"max_steps": "1", "per_device_train_batch_size": "16",
                            "save_steps": "1000", "eval_suite": "null"}, eval_after=False)
         assert entry["status"] == "done", preset
         stage = Manifest(tiny_run).stage(f"grpo_{preset}")

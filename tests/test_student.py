@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main as cli_main
+from posttrain.errors import UserError
 from posttrain.gguf_import import SMOLLM2
 
 pytestmark = pytest.mark.slow
@@ -160,17 +161,28 @@ def test_a_stage_as_teacher_and_a_listed_layer_set(students, runs_root, tmp_path
     assert gap.abs().max().item() < 1e-4
 
 
+def test_spread_keeps_the_first_and_last_layers_evenly_spaced():
+    from posttrain.student import layer_list
+    assert layer_list("spread:14", 30) == [0, 2, 4, 7, 9, 11, 13, 16, 18, 20, 22, 25, 27, 29]
+    assert layer_list("spread:2", 5) == [0, 4] and layer_list("spread:5", 5) == [0, 1, 2, 3, 4]
+    assert layer_list("spread:14") is None  # spelling only, before the teacher is read
+    with pytest.raises(UserError, match="the teacher has 5 layers"):
+        layer_list("spread:6", 5)
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "0,x"], "--layers '0,x': give every_other, all, or increasing layer numbers"),
+    (["--layers", "0,x"], "--layers '0,x': give every_other, all, spread:N, or increasing layer numbers"),
     (["--layers", "4,2"], "--layers '4,2': layer numbers must be increasing, from 0"),
     (["--layers", "0,30"], "--layers '0,30': the teacher has layers 0-29"),
+    (["--layers", "spread:1"], "--layers 'spread:1': spread:N keeps N >= 2 layers, e.g. spread:14"),
     (["--arch", "mistral"], "--arch 'mistral': students are made as llama or qwen2"),
     (["--from", "{tmp}/no-such-model"], "model '{tmp}/no-such-model' not found"),
     (["--from", "sft"], "stage 'sft' has not run in run 'demo'"),
     (["--from", "{tmp}/missing.gguf"], "GGUF file {tmp}/missing.gguf not found"),
     (["--out", "{tmp}/full"], "{tmp}/full exists and is not empty; choose a new --out dir"),
     (["--layers"], "argument --layers: expected one argument"),
-], ids=["layer not a number", "layers out of order", "layer out of range", "unknown arch",
+], ids=["layer not a number", "layers out of order", "layer out of range", "spread of one",
+         "unknown arch",
         "missing dir", "missing stage", "missing gguf", "out in use", "no layer list"])
 def test_mistakes_are_one_line_and_write_nothing(args, message, teacher_dir, runs_root, tmp_path,
                                                  monkeypatch, capsys):

@@ -115,8 +115,8 @@ def generate(model_ref: str | Path | tuple[Any, Any], prompts: list[Any], sampli
     if isinstance(model_ref, tuple):
         tokenizer = model_ref[1]
     else:
-        from posttrain.models import load_tokenizer
-        tokenizer = load_tokenizer(model_ref, **(tokenizer_options or {}))
+        from posttrain.models import shared_tokenizer
+        tokenizer = shared_tokenizer(model_ref, **(tokenizer_options or {}))
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     # One set of samples per distinct prompt text: the cache keys by text, so duplicated prompts
     # must share samples on a cold run too, or a warm rerun would return different data.

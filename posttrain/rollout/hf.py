@@ -18,12 +18,12 @@ _LOADED: dict[str, tuple] = {}
 
 def load_cached(model_dir: str, fingerprint: str | None = None):
     """(model, tokenizer) for `model_dir`, reusing the last one loaded if it is the same."""
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import load_model, shared_tokenizer
 
     key = f"{model_dir}|{fingerprint}"
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = (load_model(model_dir), load_tokenizer(model_dir))
+        _LOADED[key] = (load_model(model_dir), shared_tokenizer(model_dir))
     return _LOADED[key]
 
 
@@ -33,7 +33,11 @@ def loaded() -> list[str]:
 
 
 def release() -> None:
-    """Drop the cached model (see `posttrain.rollout.release_engines`)."""
+    """Drop the cached model (see `posttrain.rollout.release_engines`). Nothing cached, nothing
+    to collect: a full collection takes most of a second in a process holding a large
+    vocabulary's tokenizer, and a chain calls this after every stage and eval."""
+    if not _LOADED:
+        return
     _LOADED.clear()
     import gc
     gc.collect()

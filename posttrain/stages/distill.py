@@ -153,11 +153,11 @@ class Recipe(TrainingFields, LoraFields, OverlongFields, FilterFields, SamplingF
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
-    from posttrain.models import load_tokenizer
+    from posttrain.models import shared_tokenizer
     check_prompts(recipe)
-    teacher_tok = load_tokenizer(ctx.plan.ref_path("teacher"), **recipe.tokenizer_options())
+    teacher_tok = shared_tokenizer(ctx.plan.ref_path("teacher"), **recipe.tokenizer_options())
     if ctx.init_path:
-        student_tok = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+        student_tok = shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())
         if recipe.method != "traces":  # a tiny student is built on the teacher's tokenizer
             methods.check_shared_vocabulary(
                 teacher_tok, student_tok, vocab_width(ctx.plan.ref_path("teacher")),

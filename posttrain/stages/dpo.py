@@ -78,7 +78,7 @@ class Recipe(TrainingFields, LoraFields, SamplingFields, PromptFields, BaseRecip
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     """Specs, files and columns checked before anything is written."""
     from posttrain.data import check_spec, load_sources, require_columns
-    from posttrain.models import load_tokenizer
+    from posttrain.models import shared_tokenizer
 
     field = "prompt_data" if recipe.prompt_data else "train_data"
     for i, spec in enumerate(recipe.prompt_data or recipe.train_data):
@@ -88,7 +88,7 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
                         ["prompt", "chosen", "rejected"], "train_data")
     else:
         load_prompts(recipe)
-    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
+    shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
 
 
 def scored_samples(recipe: Recipe, ctx: StageContext) -> tuple[list[Any], list[list[Any]]]:

@@ -175,7 +175,7 @@ class Recipe(TrainingFields, LoraFields, PromptFields, BaseRecipe):
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
     """Every user-input check, before the manifest is touched."""
     from posttrain.data import check_spec
-    from posttrain.models import load_tokenizer
+    from posttrain.models import shared_tokenizer
     from posttrain.rewards import build_reward_funcs
 
     for i, spec in enumerate(recipe.prompt_data):
@@ -185,13 +185,13 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
     check_dynamic_sampling(recipe, ctx.plan.args)
     if recipe.tools:
         from posttrain.tools.chat import check_tool_template
-        check_tool_template(load_tokenizer(ctx.init_path, **recipe.tokenizer_options()), "tools")
+        check_tool_template(shared_tokenizer(ctx.init_path, **recipe.tokenizer_options()), "tools")
     if recipe.trainer.get("use_vllm"):
         from trl.import_utils import is_vllm_available
         if not is_vllm_available():
             raise UserError("use_vllm: true needs vLLM (pip install 'posttrain[vllm]'); "
                             "set use_vllm: false to generate with transformers")
-    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())
+    shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())
 
 
 class ToolClock(TrainerCallback):

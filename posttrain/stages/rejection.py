@@ -48,9 +48,9 @@ class Recipe(FilterFields, SamplingFields, PromptFields, BaseRecipe):
 
 
 def preflight(recipe: Recipe, ctx: StageContext) -> None:
-    from posttrain.models import load_tokenizer
+    from posttrain.models import shared_tokenizer
     check_prompts(recipe)
-    load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
+    shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail before starting
 
 
 def main(recipe: Recipe, ctx: StageContext) -> dict[str, Any]:

@@ -59,9 +59,9 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
         check_spec(spec, f"train_data[{i}]")
     # Load the data once now (datasets caches it): a missing column or an empty file must stop
     # the stage before it is recorded as started.
-    from posttrain.models import load_tokenizer
+    from posttrain.models import shared_tokenizer
     train_rows(recipe, ctx.plan.args)
-    tokenizer = load_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail now
+    tokenizer = shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template: fail now
     if ctx.plan.args.assistant_only_loss and "{% generation %}" not in \
             (tokenizer.chat_template or "").replace("{%-", "{%").replace("-%}", "%}"):
         raise UserError(f"assistant_only_loss: true needs {{% generation %}} markers in the chat "
