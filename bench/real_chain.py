@@ -29,7 +29,9 @@ reused, and evals of unchanged models come from the rollout cache.
 
 Run: `python bench/real_chain.py [--threads 2] [--runs_dir DIR] [--smoke]` (`make real-chain`).
 `--smoke` checks the plumbing, not the figures: run `smol_smoke`, every training stage 2
-optimizer steps, the sampling stages 16 prompts, every eval 4 prompts x 2 samples.
+optimizer steps but the cold start (real_model.py's steps: two steps leave no sample in the
+answer format, and rejection sampling would have nothing to keep), the sampling stages 16
+prompts, every eval 4 prompts x 2 samples.
 Last line: `{"stages": {name: {task: {pass@1, pass@1_se, format_rate}}} (the trained task and
 gsm8k; names as STAGE_NAMES), "rejection_kept", "teacher_params", "student_params", "minutes"
 (after GRPO), "checks": {check: passed}, "smoke"}`.
@@ -268,7 +270,7 @@ def main() -> None:
 
     # real_model.py's stages, with its overrides: skipped when its run is there.
     figs, labels = {}, {}
-    sft_over = {} if args.smoke else {"max_steps": str(args.sft_steps)}
+    sft_over = {"max_steps": str(args.sft_steps)}  # in --smoke too: rejection needs its samples
     figs["sft"] = stage("sft", "sft", f"{R}/sft.yaml", "sft", sft_over)
     grpo_over = {"max_steps": str(args.grpo_steps)} if args.grpo_steps and not args.smoke else {}
     figs["grpo"] = stage("grpo", "grpo", GRPO_RECIPE, "grpo", grpo_over)
