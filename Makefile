@@ -52,7 +52,8 @@ endif
 # unit of work (its fixtures built once), the long end-to-end runs start first; the 12 slowest
 # tests are listed at the end (the suite is held to 10 min on 2 cores). Three on two cores: the
 # tests wait at times (processes starting, vLLM engines, accelerate's rendezvous), and a third
-# worker keeps both cores busy (98% busy; 9m33s against 10m04s with two). TEST_WORKERS=0 runs
+# worker keeps both cores busy (98% busy; in place, 9m33s with three against 10m04s with two
+# a run earlier, before the presets test went to one step). TEST_WORKERS=0 runs
 # in this process.
 TEST_WORKERS ?= 3
 PYTEST = $(BIN)/python -m pytest -q --durations=12 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)

@@ -311,8 +311,8 @@ def _dir_signature(ref: str | Path) -> tuple:
     path = Path(ref).expanduser()
     if not path.is_dir():
         return ()
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                        for f in path.iterdir() if f.is_file()))
+    stats = ((f.name, f.stat()) for f in path.iterdir() if f.is_file())
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 def load_model(ref: str | Path, dtype: str = "auto"):

@@ -183,15 +183,15 @@ def preflight(recipe: Recipe, ctx: StageContext) -> None:
     build_prompts(recipe)  # missing prompt/answer columns, empty files: before the stage starts
     build_reward_funcs(recipe.rewards, recipe.reward_kwargs)
     check_dynamic_sampling(recipe, ctx.plan.args)
+    tokenizer = shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())  # a bad dir or template
     if recipe.tools:
         from posttrain.tools.chat import check_tool_template
-        check_tool_template(shared_tokenizer(ctx.init_path, **recipe.tokenizer_options()), "tools")
+        check_tool_template(tokenizer, "tools")
     if recipe.trainer.get("use_vllm"):
         from trl.import_utils import is_vllm_available
         if not is_vllm_available():
             raise UserError("use_vllm: true needs vLLM (pip install 'posttrain[vllm]'); "
                             "set use_vllm: false to generate with transformers")
-    shared_tokenizer(ctx.init_path, **recipe.tokenizer_options())
 
 
 class ToolClock(TrainerCallback):
